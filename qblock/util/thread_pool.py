@@ -1,0 +1,219 @@
+"""Worker threads for blocking calls: QEMU's util/thread-pool.c.
+
+Each AioContext has one :class:`ThreadPool` (``aio_get_thread_pool``).
+``thread_pool_submit_aio`` queues ``func(arg)`` for a worker thread; when it
+returns, the worker marks the element DONE and schedules the pool's
+completion BH in the owning context (waking it through the context's
+EventNotifier), and the BH calls ``cb(opaque, ret)`` there.
+``thread_pool_submit_co`` does the same from a coroutine and yields until the
+completion re-enters it in its own context.
+
+``func`` returns an int (0 or a negative errno).  An ``OSError`` it raises
+becomes ``-errno``; any other exception is re-raised from the completion BH,
+so it is never lost.  Up to ``max_threads`` (64) workers; an idle worker
+exits after 10 s.  Cancelling works only while the element is still queued
+and completes it with ``-ECANCELED``, as in QEMU.
+"""
+from __future__ import annotations
+
+import errno
+import itertools
+import threading
+from collections import deque
+from typing import Any, Callable
+
+import attrs
+
+from qblock.trace.events import trace_thread_pool_cancel, trace_thread_pool_complete, trace_thread_pool_submit
+from qblock.util import aio as _aio
+from qblock.util.aio import AioContext, aio_bh_new, aio_co_wake, qemu_bh_schedule, qemu_get_current_aio_context
+from qblock.util.coroutine import coroutine_fn, qemu_coroutine_self, qemu_coroutine_yield
+
+__all__ = ["ThreadPool", "ThreadPoolElement", "aio_get_thread_pool", "thread_pool_submit_aio",
+           "thread_pool_submit_co", "thread_pool_submit", "thread_pool_cancel",
+           "THREAD_QUEUED", "THREAD_ACTIVE", "THREAD_DONE"]
+
+THREAD_QUEUED = 0
+THREAD_ACTIVE = 1
+THREAD_DONE = 2
+
+IDLE_TIMEOUT_S = 10.0
+_elem_ids = itertools.count(1)
+
+
+@attrs.define(eq=False)
+class ThreadPoolElement:
+    """One submitted job (QEMU's ThreadPoolElement, which is also its BlockAIOCB)."""
+
+    pool: "ThreadPool"
+    func: Callable[[Any], int]
+    arg: Any
+    cb: Callable[[Any, int], None] | None
+    opaque: Any
+    state: int = THREAD_QUEUED
+    ret: int = -errno.EINPROGRESS
+    exc: BaseException | None = None
+    id: int = attrs.field(factory=lambda: next(_elem_ids))
+
+    @property
+    def trace_name(self) -> str:
+        return f"tp{self.id}"
+
+    def describe_wait(self) -> str:
+        state = ("queued", "running", "done")[self.state]
+        return f"thread pool job {self.trace_name} {getattr(self.func, '__qualname__', self.func)} ({state})"
+
+
+class ThreadPool:
+    """The worker threads of one AioContext."""
+
+    def __init__(self, ctx: AioContext, max_threads: int = 64):
+        self.ctx = ctx
+        self.max_threads = max_threads
+        self.completion_bh = aio_bh_new(ctx, self._completion_bh, None, "thread_pool_completion_bh")
+        self.lock = threading.Lock()
+        self.request_cond = threading.Condition(self.lock)
+        self.request_list: deque[ThreadPoolElement] = deque()   # QUEUED, oldest first
+        self.head: list[ThreadPoolElement] = []                 # every element not yet completed
+        self.cur_threads = 0
+        self.idle_threads = 0
+        self.stopping = False
+
+    @property
+    def trace_name(self) -> str:
+        return f"pool({self.ctx.name})"
+
+    # -- workers --------------------------------------------------------
+
+    def _spawn(self) -> None:
+        self.cur_threads += 1
+        t = threading.Thread(target=self._worker, name=f"qblock-worker-{self.ctx.name}", daemon=True)
+        t.start()
+
+    def _set_idle(self, delta: int) -> None:
+        self.idle_threads += delta
+        with _aio_idle_lock:
+            _aio._idle_helper_threads += delta
+
+    def _worker(self) -> None:
+        with self.lock:
+            while not self.stopping:
+                if not self.request_list:
+                    self._set_idle(+1)
+                    got = self.request_cond.wait_for(lambda: self.request_list or self.stopping,
+                                                     timeout=IDLE_TIMEOUT_S)
+                    self._set_idle(-1)
+                    if not got or self.stopping:
+                        break
+                req = self.request_list.popleft()
+                req.state = THREAD_ACTIVE
+                self.lock.release()
+                try:
+                    ret = req.func(req.arg)
+                    if not isinstance(ret, int):
+                        raise TypeError(f"thread pool function {req.func!r} returned {ret!r}, not an int")
+                except OSError as e:
+                    ret = -(e.errno or errno.EIO)
+                except BaseException as e:  # noqa: BLE001 - re-raised in the completion BH
+                    req.exc = e
+                    ret = -errno.EIO
+                finally:
+                    self.lock.acquire()
+                req.ret = ret
+                req.state = THREAD_DONE
+                qemu_bh_schedule(self.completion_bh)
+            self.cur_threads -= 1
+            self.request_cond.notify_all()
+
+    # -- completion, in the pool's context ------------------------------
+
+    def _completion_bh(self, opaque: Any) -> None:
+        while True:
+            with self.lock:
+                elem = next((e for e in self.head if e.state == THREAD_DONE), None)
+                if elem is None:
+                    return
+                self.head.remove(elem)
+            self.ctx.busy -= 1
+            if trace_thread_pool_complete.event.enabled:
+                trace_thread_pool_complete(self, elem, elem.opaque, elem.ret)
+            # Another element may finish while the callback runs a nested poll.
+            qemu_bh_schedule(self.completion_bh)
+            if elem.exc is not None:
+                raise elem.exc
+            if elem.cb is not None:
+                elem.cb(elem.opaque, elem.ret)
+
+    def free(self) -> None:
+        with self.lock:
+            self.stopping = True
+            self.request_cond.notify_all()
+
+
+_aio_idle_lock = threading.Lock()
+
+
+def aio_get_thread_pool(ctx: AioContext) -> ThreadPool:
+    """The context's pool, created on first use."""
+    if ctx.thread_pool is None:
+        ctx.thread_pool = ThreadPool(ctx)
+    return ctx.thread_pool
+
+
+def thread_pool_submit_aio(ctx: AioContext | None, func: Callable[[Any], int], arg: Any,
+                           cb: Callable[[Any, int], None] | None, opaque: Any = None) -> ThreadPoolElement:
+    """Run ``func(arg)`` on a worker; ``cb(opaque, ret)`` runs in ``ctx`` when it is done."""
+    pool = aio_get_thread_pool(ctx or qemu_get_current_aio_context())
+    req = ThreadPoolElement(pool, func, arg, cb, opaque)
+    if trace_thread_pool_submit.event.enabled:
+        trace_thread_pool_submit(pool, req, opaque)
+    pool.ctx.busy += 1
+    with pool.lock:
+        pool.head.append(req)
+        pool.request_list.append(req)
+        if pool.idle_threads == 0 and pool.cur_threads < pool.max_threads:
+            pool._spawn()
+        pool.request_cond.notify()
+    return req
+
+
+def thread_pool_submit(ctx: AioContext | None, func: Callable[[Any], int], arg: Any) -> ThreadPoolElement:
+    """Fire and forget: run ``func(arg)`` and ignore its result."""
+    return thread_pool_submit_aio(ctx, func, arg, None, None)
+
+
+@attrs.define(eq=False)
+class _ThreadPoolCo:
+    co: Any
+    ret: int = -errno.EINPROGRESS
+
+
+def _thread_pool_co_cb(tpc: _ThreadPoolCo, ret: int) -> None:
+    tpc.ret = ret
+    aio_co_wake(tpc.co)
+
+
+@coroutine_fn
+def thread_pool_submit_co(ctx: AioContext | None, func: Callable[[Any], int], arg: Any) -> int:
+    """Run ``func(arg)`` on a worker and yield until it returns; its result."""
+    self = qemu_coroutine_self()
+    tpc = _ThreadPoolCo(self)
+    req = thread_pool_submit_aio(ctx or self.ctx, func, arg, _thread_pool_co_cb, tpc)
+    self.waiting_on = req
+    qemu_coroutine_yield()
+    return tpc.ret
+
+
+def thread_pool_cancel(req: ThreadPoolElement) -> bool:
+    """Cancel a job that has not started: it completes with -ECANCELED. False once it runs."""
+    pool = req.pool
+    if trace_thread_pool_cancel.event.enabled:
+        trace_thread_pool_cancel(req, req.opaque)
+    with pool.lock:
+        if req.state != THREAD_QUEUED:
+            return False
+        pool.request_list.remove(req)
+        req.state = THREAD_DONE
+        req.ret = -errno.ECANCELED
+    qemu_bh_schedule(pool.completion_bh)
+    return True
