@@ -40,6 +40,52 @@ aio_bh_call(void *ctx, void *bh, void *cb) "ctx %p bh %p cb %p"
 timer_mod(void *ctx, void *timer, int clock, int64_t expire_ns) "ctx %p timer %p clock %d expire_ns %" PRId64
 timer_fire(void *ctx, void *timer, int clock, int64_t expire_ns) "ctx %p timer %p clock %d expire_ns %" PRId64
 aio_poll(void *ctx, int blocking, int progress) "ctx %p blocking %d progress %d"
+
+# block.c
+bdrv_open_common(void *bs, const char *filename, int flags, const char *format_name) "bs %p filename \"%s\" flags 0x%x format_name \"%s\""
+bdrv_lock_medium(void *bs, int locked) "bs %p lock %d"
+
+# qblock: block.c events QEMU has no trace point for
+bdrv_unref_close(void *bs) "bs %p"
+
+# block/block-backend.c
+blk_co_preadv(void *blk, void *bs, int64_t offset, unsigned int bytes, int flags) "blk %p bs %p offset %"PRId64" bytes %u flags 0x%x"
+blk_co_pwritev(void *blk, void *bs, int64_t offset, unsigned int bytes, int flags) "blk %p bs %p offset %"PRId64" bytes %u flags 0x%x"
+blk_root_attach(void *child, void *blk, void *bs) "child %p blk %p bs %p"
+blk_root_detach(void *child, void *blk, void *bs) "child %p blk %p bs %p"
+
+# qblock: block/block-backend.c stages QEMU does not trace
+blk_aio_prwv(void *blk, const char *op, int64_t offset, int64_t bytes, void *co) "blk %p op %s offset %"PRId64" bytes %"PRId64" co %p"
+blk_aio_complete(void *blk, void *acb, int ret, int deferred) "blk %p acb %p ret %d deferred_to_bh %d"
+blk_check_byte_request(void *blk, int64_t offset, int64_t bytes, int ret) "blk %p offset %"PRId64" bytes %"PRId64" ret %d"
+blk_add_fua(void *blk) "blk %p write cache off: adding BDRV_REQ_FUA"
+blk_wait_while_drained(void *blk) "blk %p queued while drained"
+
+# block/io.c
+bdrv_co_preadv(void *bs, int64_t offset, int64_t nbytes, unsigned int flags) "bs %p offset %"PRId64" nbytes %"PRId64" flags 0x%x"
+bdrv_co_pwritev(void *bs, int64_t offset, int64_t nbytes, unsigned int flags) "bs %p offset %"PRId64" nbytes %"PRId64" flags 0x%x"
+bdrv_co_pwrite_zeroes(void *bs, int64_t offset, int64_t bytes, int flags) "bs %p offset %"PRId64" bytes %"PRId64" flags 0x%x"
+bdrv_co_do_copy_on_readv(void *bs, int64_t offset, int64_t bytes, int64_t cluster_offset, int64_t cluster_bytes) "bs %p offset %"PRId64" bytes %"PRId64" cluster_offset %"PRId64" cluster_bytes %"PRId64
+
+# qblock: block/io.c stages QEMU does not trace
+bdrv_pad_head(void *bs, int64_t offset, int64_t head, int64_t align) "bs %p offset %"PRId64" head %"PRId64" bytes of padding (request_alignment %"PRId64")"
+bdrv_pad_tail(void *bs, int64_t offset, int64_t tail, int64_t align) "bs %p offset %"PRId64" tail %"PRId64" bytes of padding (request_alignment %"PRId64")"
+bdrv_padding_rmw_read(void *bs, const char *part, int64_t offset, int64_t bytes) "bs %p RMW read of the %s: offset %"PRId64" bytes %"PRId64
+bdrv_mark_request_serialising(void *bs, void *req, int64_t overlap_offset, int64_t overlap_bytes) "bs %p req %p serialising over offset %"PRId64" bytes %"PRId64
+bdrv_wait_serialising_requests(void *bs, void *req, void *waiting_for) "bs %p req %p waits for %p"
+bdrv_aligned_preadv(void *bs, int64_t offset, int64_t bytes, int flags) "bs %p offset %"PRId64" bytes %"PRId64" flags 0x%x"
+bdrv_aligned_pwritev(void *bs, int64_t offset, int64_t bytes, int flags) "bs %p offset %"PRId64" bytes %"PRId64" flags 0x%x"
+bdrv_before_write_notifiers(void *bs, int64_t offset, int64_t bytes, int ret) "bs %p offset %"PRId64" bytes %"PRId64" ret %d"
+bdrv_detect_zeroes(void *bs, int64_t offset, int64_t bytes, int flags) "bs %p offset %"PRId64" bytes %"PRId64" all zero: flags now 0x%x"
+bdrv_fragment(void *bs, int64_t offset, int64_t bytes, int64_t max_transfer) "bs %p offset %"PRId64" bytes %"PRId64" split at max_transfer %"PRId64
+bdrv_driver_preadv(void *bs, const char *style, int64_t offset, int64_t bytes, int flags) "bs %p %s offset %"PRId64" bytes %"PRId64" flags 0x%x"
+bdrv_driver_pwritev(void *bs, const char *style, int64_t offset, int64_t bytes, int flags) "bs %p %s offset %"PRId64" bytes %"PRId64" flags 0x%x"
+bdrv_driver_done(void *bs, const char *hook, int ret) "bs %p %s returned %d"
+bdrv_fua_emulate(void *bs, int64_t offset, int64_t bytes) "bs %p driver lacks BDRV_REQ_FUA: bdrv_co_flush after the write at offset %"PRId64" bytes %"PRId64
+bdrv_driver_exception(void *bs, const char *hook, const char *exc) "bs %p %s raised %s: returning -EIO"
+bdrv_co_flush(void *bs, int gen, int flushed_gen) "bs %p write_gen %d flushed_gen %d"
+bdrv_co_pdiscard(void *bs, int64_t offset, int64_t bytes) "bs %p offset %"PRId64" bytes %"PRId64
+bdrv_write_threshold_exceeded(void *bs, int64_t amount, int64_t threshold) "bs %p exceeded by %"PRId64" bytes (threshold %"PRId64")"
 '''
 
 globals().update(trace_events_declare(TRACE_EVENTS))

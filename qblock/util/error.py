@@ -53,3 +53,15 @@ def strerror(errno: int) -> str:
         # glibc's wording; Python's os.strerror gives the same text.
         return "Operation not supported"
     return os.strerror(errno)
+
+
+def error_report(msg: str) -> None:
+    """Print an error line to stderr, as QEMU's error_report does."""
+    import sys
+    sys.stderr.write(f"qblock: {msg}\n")
+
+
+def warn_report(msg: str) -> None:
+    """Print a warning line to stderr (QEMU's warn_report)."""
+    import sys
+    sys.stderr.write(f"qblock: warning: {msg}\n")
