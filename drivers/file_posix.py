@@ -1,0 +1,517 @@
+"""The file protocol: QEMU's block/file-posix.c, for regular files.
+
+Every data request runs on the AioContext's thread pool (QEMU's
+``aio=threads``): ``os.preadv``/``os.pwritev`` straight from the request's
+memoryviews, looping over short transfers; a read that reaches the end of the
+file fills the rest with zeroes, a short write fails with -EINVAL, as QEMU's
+``handle_aiocb_rw`` does.  ``bdrv_co_flush_to_disk`` is ``fdatasync``; after a
+failed fdatasync every later flush fails too (QEMU's
+``page_cache_inconsistent``).  Write-zeroes and discard use
+``fallocate(ZERO_RANGE / PUNCH_HOLE)`` where the filesystem has them, with
+QEMU's fallbacks (-ENOTSUP lets the block layer write a zeroed buffer).
+Block status comes from ``SEEK_DATA``/``SEEK_HOLE``.  ``cache.direct=on``
+opens with ``O_DIRECT`` and probes ``request_alignment`` as QEMU does
+(reads of 1, 512, 1024, 2048, 4096 bytes until one works); buffers that are
+not aligned go through an aligned bounce buffer.
+
+Options: ``filename`` (required), ``aio`` (``threads``; ``native`` is
+accepted with cache.direct=on and runs on threads too), ``locking``
+(``auto``/``on``/``off``; qblock takes no image locks — a difference from
+QEMU, which takes OFD locks), ``x-check-cache-dropped``/``drop-cache``
+(accepted, ignored).  Creation (``bdrv_co_create_opts``): ``size`` (rounded
+up to 512), ``preallocation`` (off/falloc/full), ``nocow``.
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import mmap
+import os
+import stat
+
+import attrs
+
+from qblock.block.driver import (
+    BDRV_BLOCK_DATA,
+    BDRV_BLOCK_OFFSET_VALID,
+    BDRV_BLOCK_ZERO,
+    BDRV_O_NOCACHE,
+    BDRV_O_RDWR,
+    BDRV_REQ_MAY_UNMAP,
+    BDRV_REQ_NO_FALLBACK,
+    BDRV_SECTOR_SIZE,
+    IOV_MAX,
+    BlockDriver,
+    PreallocMode,
+    bdrv_register,
+)
+from qblock.block.graph import bdrv_get_aio_context
+from qblock.util.error import Error, error_setg_errno, warn_report
+from qblock.util.iov import QEMUIOVector, qemu_iovec_memset, qemu_iovec_slice
+from qblock.util.qemu_option import (
+    QEMU_OPT_BOOL,
+    QEMU_OPT_SIZE,
+    QEMU_OPT_STRING,
+    QemuOptDesc,
+    QemuOptsList,
+    qemu_opts_absorb_qdict,
+)
+from qblock.util.thread_pool import thread_pool_submit_co
+
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
+MAX_BLOCKSIZE = 4096
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+_fallocate = getattr(_libc, "fallocate", None)
+if _fallocate is not None:
+    _fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    _fallocate.restype = ctypes.c_int
+
+
+def do_fallocate(fd: int, mode: int, offset: int, length: int) -> int:
+    """fallocate(2); 0 or a negative errno (-ENOTSUP where the call or mode is missing)."""
+    if _fallocate is None:
+        return -errno.ENOTSUP
+    if _fallocate(fd, mode, offset, length) == 0:
+        return 0
+    err = ctypes.get_errno()
+    if err in (errno.ENODEV, errno.ENOSYS, errno.EOPNOTSUPP):
+        return -errno.ENOTSUP  # QEMU's translate_err
+    return -err
+
+
+@attrs.define
+class BDRVRawState:
+    fd: int = -1
+    open_flags: int = 0
+    filename: str = ""
+    needs_alignment: bool = False
+    buf_align: int = 1
+    has_discard: bool = True
+    has_write_zeroes: bool = True
+    has_fallocate: bool = True
+    page_cache_inconsistent: bool = False
+    is_xfs: bool = False
+
+
+raw_runtime_opts = QemuOptsList("raw", [
+    QemuOptDesc("filename", QEMU_OPT_STRING, "File name of the image"),
+    QemuOptDesc("aio", QEMU_OPT_STRING, "host AIO implementation (threads, native, io_uring)"),
+    QemuOptDesc("aio-max-batch", QEMU_OPT_SIZE, "AIO max batch size (0 = auto)"),
+    QemuOptDesc("locking", QEMU_OPT_STRING, "file locking mode (on/off/auto, default: auto)"),
+    QemuOptDesc("pr-manager", QEMU_OPT_STRING, "id of persistent reservation manager object"),
+    QemuOptDesc("drop-cache", QEMU_OPT_BOOL, "invalidate page cache during live migration"),
+    QemuOptDesc("x-check-cache-dropped", QEMU_OPT_BOOL, "check that page cache was dropped on live migration"),
+])
+
+file_create_opts = QemuOptsList("raw-create-opts", [
+    QemuOptDesc("size", QEMU_OPT_SIZE, "Virtual disk size"),
+    QemuOptDesc("nocow", QEMU_OPT_BOOL, "Turn off copy-on-write (valid only on btrfs)"),
+    QemuOptDesc("preallocation", QEMU_OPT_STRING, "Preallocation mode (allowed values: off, falloc, full)"),
+    QemuOptDesc("extent_size_hint", QEMU_OPT_SIZE, "Extent size hint for the image file, 0 to disable"),
+])
+
+
+# --------------------------------------------------------------------------
+# Work done on the thread pool (QEMU's handle_aiocb_*)
+
+
+def _aligned_buffer(size: int) -> mmap.mmap:
+    """Page-aligned anonymous memory, good for O_DIRECT."""
+    return mmap.mmap(-1, max(size, 1))
+
+
+def _view_address(v: memoryview) -> int | None:
+    if v.readonly:
+        return None
+    return ctypes.addressof(ctypes.c_char.from_buffer(v)) if len(v) else 0
+
+
+def _io_works(fd: int, view: memoryview) -> bool:
+    try:
+        os.preadv(fd, [view], 0)
+    except OSError:
+        return False
+    return True
+
+
+def _qiov_is_aligned(s: BDRVRawState, qiov: QEMUIOVector) -> bool:
+    for v in qiov.iov:
+        addr = _view_address(v)
+        if addr is None or addr % s.buf_align or len(v) % s.buf_align:
+            return False
+    return True
+
+
+@attrs.define(eq=False)
+class RawPosixAIOData:
+    """One request handed to a worker thread (QEMU's RawPosixAIOData)."""
+
+    fd: int
+    offset: int
+    nbytes: int
+    iov: list
+    is_write: bool = False
+    bounce: bool = False
+
+
+def _rw_vector(fd: int, iov: list, offset: int, nbytes: int, is_write: bool) -> int:
+    """Transfer as much as the file takes; the byte count done (short at EOF for reads), or -errno."""
+    done = 0
+    views = list(iov)
+    while done < nbytes:
+        try:
+            if is_write:
+                n = os.pwritev(fd, views[:IOV_MAX], offset + done)
+            else:
+                n = os.preadv(fd, views[:IOV_MAX], offset + done)
+        except InterruptedError:
+            continue
+        except OSError as e:
+            return -(e.errno or errno.EIO)
+        if n == 0:
+            break
+        done += n
+        # Drop what was transferred from the front of the vector.
+        while views and n >= len(views[0]):
+            n -= len(views[0])
+            views.pop(0)
+        if n:
+            views[0] = views[0][n:]
+    return done
+
+
+def handle_aiocb_rw(acb: RawPosixAIOData) -> int:
+    if acb.bounce:
+        buf = _aligned_buffer(acb.nbytes)
+        mv = memoryview(buf)
+        try:
+            if acb.is_write:
+                pos = 0
+                for v in acb.iov:
+                    mv[pos:pos + len(v)] = v
+                    pos += len(v)
+                n = _rw_vector(acb.fd, [mv[:acb.nbytes]], acb.offset, acb.nbytes, True)
+            else:
+                n = _rw_vector(acb.fd, [mv[:acb.nbytes]], acb.offset, acb.nbytes, False)
+                if n >= 0:
+                    pos = 0
+                    for v in acb.iov:
+                        take = min(len(v), max(n - pos, 0))
+                        v[:take] = mv[pos:pos + take]
+                        pos += len(v)
+        finally:
+            mv.release()
+            buf.close()
+    else:
+        n = _rw_vector(acb.fd, acb.iov, acb.offset, acb.nbytes, acb.is_write)
+    if n < 0:
+        return n
+    if n == acb.nbytes:
+        return 0
+    if acb.is_write:
+        return -errno.EINVAL  # a short write
+    # A read that hit the end of the file: the rest reads as zeroes.
+    qemu_iovec_memset(QEMUIOVector(acb.iov, len(acb.iov)), n, 0, acb.nbytes - n)
+    return 0
+
+
+def handle_aiocb_flush(fd: int) -> int:
+    try:
+        os.fdatasync(fd)
+    except OSError as e:
+        return -(e.errno or errno.EIO)
+    return 0
+
+
+# --------------------------------------------------------------------------
+# The driver
+
+
+class FileDriver(BlockDriver):
+    """Protocol ``file``: a regular file on the host."""
+
+    format_name = "file"
+    protocol_name = "file"
+    state_class = BDRVRawState
+    runtime_opts = raw_runtime_opts
+    create_opts = file_create_opts
+    bdrv_needs_filename = True
+    has_variable_length = True
+
+    def bdrv_parse_filename(self, filename: str, options: dict) -> None:
+        # "file:" is an optional prefix
+        if filename.startswith("file:"):
+            filename = filename[len("file:"):]
+        options["filename"] = filename
+
+    def bdrv_file_open(self, bs, options: dict, flags: int) -> int:
+        s: BDRVRawState = bs.opaque
+        opts = qemu_opts_absorb_qdict(raw_runtime_opts, options)
+        filename = opts.get("filename")
+        if not filename:
+            raise Error(f"The '{self.format_name}' block driver requires a file name", errno=errno.EINVAL)
+        aio = opts.get("aio", "threads")
+        if aio not in ("threads", "native", "io_uring"):
+            raise Error(f"invalid parameter value: {aio}", hint="Valid values: threads, native, io_uring")
+        if aio == "native" and not flags & BDRV_O_NOCACHE:
+            raise Error("aio=native was specified, but it requires cache.direct=on, which was not specified.")
+        if aio == "io_uring":
+            raise Error("aio=io_uring was specified, but is not supported in this build.")
+        locking = opts.get("locking", "auto")
+        if locking not in ("auto", "on", "off"):
+            raise Error(f"invalid parameter value: {locking}", hint="Valid values: on, off, auto")
+        os_flags = os.O_CLOEXEC | (os.O_RDWR if flags & BDRV_O_RDWR else os.O_RDONLY)
+        if flags & BDRV_O_NOCACHE:
+            os_flags |= getattr(os, "O_DIRECT", 0)
+        s.filename = filename
+        s.open_flags = os_flags
+        try:
+            fd = os.open(filename, os_flags)
+        except OSError as e:
+            raise error_setg_errno(e.errno, f"Could not open '{filename}'") from None
+        try:
+            st = os.fstat(fd)
+            if stat.S_ISBLK(st.st_mode):
+                warn_report(f"Opening a block device as a file using the '{self.format_name}' driver is deprecated")
+            elif stat.S_ISCHR(st.st_mode):
+                warn_report(f"Opening a character device as a file using the '{self.format_name}' driver "
+                            "is deprecated")
+            elif not stat.S_ISREG(st.st_mode):
+                raise Error(f"A regular file was expected by the '{self.format_name}' driver, "
+                            "but something else was given", errno=errno.EINVAL)
+        except BaseException:
+            os.close(fd)
+            raise
+        s.fd = fd
+        s.needs_alignment = bool(flags & BDRV_O_NOCACHE)
+        bs.supported_zero_flags = BDRV_REQ_MAY_UNMAP | BDRV_REQ_NO_FALLBACK
+        return 0
+
+    def bdrv_close(self, bs) -> None:
+        s: BDRVRawState = bs.opaque
+        if s.fd >= 0:
+            os.close(s.fd)
+            s.fd = -1
+
+    # -- limits -----------------------------------------------------------
+
+    def _probe_alignment(self, bs) -> None:
+        """With O_DIRECT, find the read size and buffer alignment the file accepts (QEMU's raw_probe_alignment).
+
+        A size of 1 that "works" is not trusted: QEMU then falls back to the
+        safe value, the larger of 4 KiB and the page size.
+        """
+        s: BDRVRawState = bs.opaque
+        max_align = max(MAX_BLOCKSIZE, mmap.PAGESIZE)
+        buf = _aligned_buffer(2 * max_align)
+        mv = memoryview(buf)
+        try:
+            align = 0
+            for a in (1, 512, 1024, 2048, MAX_BLOCKSIZE):
+                if _io_works(s.fd, mv[:a]):
+                    align = a if a != 1 else max_align
+                    break
+            buf_align = 0
+            for a in (1, 512, 1024, 2048, MAX_BLOCKSIZE):
+                if _io_works(s.fd, mv[a:a + max_align]):
+                    buf_align = a if a != 1 else max_align
+                    break
+        finally:
+            mv.release()
+            buf.close()
+        if not align or not buf_align:
+            raise Error("Could not find working O_DIRECT alignment", errno=errno.EINVAL,
+                        hint="Try cache.direct=off")
+        bs.bl.request_alignment = align
+        s.buf_align = buf_align
+
+    def bdrv_refresh_limits(self, bs) -> None:
+        s: BDRVRawState = bs.opaque
+        if s.needs_alignment:
+            self._probe_alignment(bs)
+            bs.bl.min_mem_alignment = s.buf_align
+            bs.bl.opt_mem_alignment = max(s.buf_align, mmap.PAGESIZE)
+        bs.bl.max_iov = IOV_MAX
+
+    def bdrv_getlength(self, bs) -> int:
+        s: BDRVRawState = bs.opaque
+        try:
+            return os.fstat(s.fd).st_size
+        except OSError as e:
+            return -(e.errno or errno.EIO)
+
+    def bdrv_get_allocated_file_size(self, bs) -> int:
+        try:
+            return os.fstat(bs.opaque.fd).st_blocks * 512
+        except OSError as e:
+            return -(e.errno or errno.EIO)
+
+    # -- I/O ----------------------------------------------------------------
+
+    def _prw(self, bs, offset: int, bytes: int, qiov: QEMUIOVector, is_write: bool) -> int:
+        s: BDRVRawState = bs.opaque
+        iov = qiov.iov if qiov.size == bytes else qemu_iovec_slice(qiov, 0, bytes)
+        bounce = s.needs_alignment and not _qiov_is_aligned(s, qiov)
+        acb = RawPosixAIOData(s.fd, offset, bytes, iov, is_write, bounce)
+        return thread_pool_submit_co(bdrv_get_aio_context(bs), handle_aiocb_rw, acb)
+
+    def bdrv_co_preadv(self, bs, offset: int, bytes: int, qiov: QEMUIOVector, flags: int) -> int:
+        return self._prw(bs, offset, bytes, qiov, False)
+
+    def bdrv_co_pwritev(self, bs, offset: int, bytes: int, qiov: QEMUIOVector, flags: int) -> int:
+        return self._prw(bs, offset, bytes, qiov, True)
+
+    def bdrv_co_flush_to_disk(self, bs) -> int:
+        s: BDRVRawState = bs.opaque
+        if s.page_cache_inconsistent:
+            return -errno.EIO  # an earlier fdatasync failed: the page cache may have lost data
+        ret = thread_pool_submit_co(bdrv_get_aio_context(bs), handle_aiocb_flush, s.fd)
+        if ret < 0:
+            s.page_cache_inconsistent = True
+        return ret
+
+    def _write_zeroes(self, s: BDRVRawState, offset: int, bytes: int, unmap: bool, length: int) -> int:
+        if unmap:
+            # Zero and deallocate at once; fall through when the filesystem cannot.
+            ret = do_fallocate(s.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, bytes)
+            if ret != -errno.ENOTSUP:
+                return ret
+        if s.has_write_zeroes:
+            ret = do_fallocate(s.fd, FALLOC_FL_ZERO_RANGE, offset, bytes)
+            if ret == -errno.EINVAL:
+                return -errno.ENOTSUP  # e.g. an unaligned range: let the block layer write zeroes
+            if ret != -errno.ENOTSUP:
+                return ret
+            s.has_write_zeroes = False
+        if s.has_discard and s.has_fallocate:
+            ret = do_fallocate(s.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, bytes)
+            if ret == 0:
+                ret = do_fallocate(s.fd, 0, offset, bytes)
+                if ret != -errno.ENOTSUP:
+                    return ret
+                s.has_fallocate = False
+            elif ret != -errno.ENOTSUP:
+                return ret
+            else:
+                s.has_discard = False
+        if s.has_fallocate and offset >= length:
+            # Extending the file with zeroes.
+            ret = do_fallocate(s.fd, 0, offset, bytes)
+            if ret != -errno.ENOTSUP:
+                return ret
+            s.has_fallocate = False
+        return -errno.ENOTSUP
+
+    def bdrv_co_pwrite_zeroes(self, bs, offset: int, bytes: int, flags: int) -> int:
+        s: BDRVRawState = bs.opaque
+        length = self.bdrv_getlength(bs)
+        return thread_pool_submit_co(bdrv_get_aio_context(bs),
+                                     lambda _: self._write_zeroes(s, offset, bytes, bool(flags & BDRV_REQ_MAY_UNMAP),
+                                                                  length), None)
+
+    def bdrv_co_pdiscard(self, bs, offset: int, bytes: int) -> int:
+        s: BDRVRawState = bs.opaque
+        if not s.has_discard:
+            return -errno.ENOTSUP
+
+        def work(_):
+            ret = do_fallocate(s.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, bytes)
+            if ret == -errno.ENOTSUP:
+                s.has_discard = False
+            return ret
+
+        return thread_pool_submit_co(bdrv_get_aio_context(bs), work, None)
+
+    def bdrv_co_block_status(self, bs, want_zero: bool, offset: int, bytes: int):
+        """Data or hole from SEEK_DATA/SEEK_HOLE (QEMU's find_allocation)."""
+        s: BDRVRawState = bs.opaque
+        if not want_zero:
+            return BDRV_BLOCK_DATA | BDRV_BLOCK_OFFSET_VALID, bytes, offset, bs
+        align = bs.bl.request_alignment
+        try:
+            data = os.lseek(s.fd, offset, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno == errno.ENXIO:
+                return BDRV_BLOCK_ZERO | BDRV_BLOCK_OFFSET_VALID, bytes, offset, bs  # a trailing hole
+            return BDRV_BLOCK_DATA | BDRV_BLOCK_OFFSET_VALID, bytes, offset, bs  # no information
+        if data > offset:
+            pnum = min(bytes, data - offset)
+            return BDRV_BLOCK_ZERO | BDRV_BLOCK_OFFSET_VALID, pnum, offset, bs
+        try:
+            hole = os.lseek(s.fd, offset, os.SEEK_HOLE)
+        except OSError:
+            return BDRV_BLOCK_DATA | BDRV_BLOCK_OFFSET_VALID, bytes, offset, bs
+        if hole <= offset:
+            return BDRV_BLOCK_DATA | BDRV_BLOCK_OFFSET_VALID, bytes, offset, bs  # changed under us
+        pnum = min(bytes, hole - offset)
+        if pnum % align:
+            pnum = (pnum + align - 1) // align * align  # a partial sector at EOF
+        return BDRV_BLOCK_DATA | BDRV_BLOCK_OFFSET_VALID, pnum, offset, bs
+
+    def bdrv_co_truncate(self, bs, offset: int, exact: bool, prealloc: PreallocMode) -> int:
+        s: BDRVRawState = bs.opaque
+        current = self.bdrv_getlength(bs)
+        if prealloc is not PreallocMode.PREALLOC_MODE_OFF and offset < current:
+            raise Error("Cannot use preallocation for shrinking files", errno=errno.ENOTSUP)
+        return thread_pool_submit_co(bdrv_get_aio_context(bs),
+                                     lambda _: raw_regular_truncate(s.fd, offset, prealloc, current), None)
+
+    # -- creation -----------------------------------------------------------
+
+    def bdrv_co_create_opts(self, filename: str, options: dict) -> int:
+        """Create (or truncate) ``filename`` with the given size: QEMU's raw_co_create_opts."""
+        opts = qemu_opts_absorb_qdict(file_create_opts, dict(options))
+        size = (opts.get("size", 0) + BDRV_SECTOR_SIZE - 1) // BDRV_SECTOR_SIZE * BDRV_SECTOR_SIZE
+        mode = opts.get("preallocation", "off")
+        try:
+            prealloc = PreallocMode(mode)
+        except ValueError:
+            raise Error(f"Invalid preallocation mode: '{mode}'") from None
+        if prealloc is PreallocMode.PREALLOC_MODE_METADATA:
+            raise Error("Unsupported preallocation mode: metadata")
+        if filename.startswith("file:"):
+            filename = filename[len("file:"):]
+        try:
+            fd = os.open(filename, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as e:
+            raise error_setg_errno(e.errno, f"Could not create '{filename}'") from None
+        try:
+            try:
+                os.ftruncate(fd, 0)
+            except OSError as e:
+                raise error_setg_errno(e.errno, "Could not clear the file") from None
+            ret = raw_regular_truncate(fd, size, prealloc, 0)
+            if ret < 0:
+                raise error_setg_errno(-ret, "Could not resize file")
+        finally:
+            os.close(fd)
+        return 0
+
+
+def raw_regular_truncate(fd: int, offset: int, prealloc: PreallocMode, current_length: int) -> int:
+    """Resize a regular file, preallocating the new area as asked (QEMU's handle_aiocb_truncate)."""
+    try:
+        if prealloc is PreallocMode.PREALLOC_MODE_FALLOC and offset > current_length:
+            os.posix_fallocate(fd, current_length, offset - current_length)
+        elif prealloc is PreallocMode.PREALLOC_MODE_FULL and offset > current_length:
+            os.ftruncate(fd, offset)
+            chunk = bytes(1 << 20)
+            pos = current_length
+            while pos < offset:
+                n = min(len(chunk), offset - pos)
+                os.pwrite(fd, chunk[:n], pos)
+                pos += n
+            os.fsync(fd)
+        else:
+            os.ftruncate(fd, offset)
+    except OSError as e:
+        return -(e.errno or errno.EIO)
+    return 0
+
+
+bdrv_register(FileDriver)
+
