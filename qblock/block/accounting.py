@@ -77,7 +77,7 @@ class BlockAcctStats:
     account_failed: bool = True
     latency_histogram: list[BlockLatencyHistogram] = attrs.field(
         factory=lambda: [BlockLatencyHistogram() for _ in range(BLOCK_MAX_IOTYPE)])
-    lock: threading.Lock = attrs.field(factory=threading.Lock, repr=False)
+    lock: threading.Lock = attrs.field(factory=threading.Lock, repr=False, eq=False)
 
 
 def block_acct_init(stats: BlockAcctStats) -> None:
@@ -150,23 +150,27 @@ def block_acct_idle_time_ns(stats: BlockAcctStats) -> int:
 
 
 def block_latency_histogram_set(stats: BlockAcctStats, type: BlockAcctType, boundaries: list[int]) -> int:
-    """Set the bin boundaries (strictly increasing, positive); -EINVAL otherwise. Clears the counts."""
+    """Set the bin boundaries (at least one, strictly increasing, positive); -EINVAL otherwise. Clears the counts."""
     import errno
     prev = 0
     for b in boundaries:
         if b <= prev:
             return -errno.EINVAL
         prev = b
-    hist = stats.latency_histogram[type]
-    hist.boundaries = list(boundaries)
-    hist.bins = [0] * (len(boundaries) + 1)
+    if not boundaries:
+        return -errno.EINVAL  # a single bin tells nothing; later QEMU refuses it too
+    with stats.lock:
+        hist = stats.latency_histogram[type]
+        hist.boundaries = list(boundaries)
+        hist.bins = [0] * (len(boundaries) + 1)
     return 0
 
 
 def block_latency_histogram_clear(stats: BlockAcctStats) -> None:
-    for hist in stats.latency_histogram:
-        hist.boundaries = []
-        hist.bins = []
+    with stats.lock:
+        for hist in stats.latency_histogram:
+            hist.boundaries = []
+            hist.bins = []
 
 
 _R, _W, _F, _U = (BlockAcctType.BLOCK_ACCT_READ, BlockAcctType.BLOCK_ACCT_WRITE,

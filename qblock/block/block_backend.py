@@ -268,7 +268,8 @@ class ChildRoot(BdrvChildClass):
         blk: BlockBackend = c.opaque
         if blk.allow_aio_context_change:
             return True
-        return not (blk.name or blk.dev is not None)
+        # Only a monitor-owned BlockBackend with no device may move without telling its user.
+        return bool(blk.name) and blk.dev is None
 
     def change_aio_ctx(self, c: BdrvChild, ctx: AioContext) -> None:
         _blk_set_ctx(c.opaque, ctx)
@@ -371,6 +372,8 @@ def blk_by_name(name: str) -> BlockBackend | None:
 
 def monitor_add_blk(blk: BlockBackend, name: str) -> None:
     """Give ``blk`` a user-visible name (the -drive id / device name)."""
+    if blk.name:
+        raise AssertionError(f"monitor_add_blk: {blk.trace_name} already has a name")
     if not id_wellformed(name):
         raise Error("Invalid device name")
     if blk_by_name(name) is not None:
@@ -730,7 +733,11 @@ def blk_aio_complete_bh(acb: BlkAioEmAIOCB) -> None:
 
 def blk_aio_prwv(blk: BlockBackend, offset: int, bytes: int, iobuf: Any, co_entry: Callable[[Any], None],
                  flags: int, cb: Callable[[Any, int], None], opaque: Any) -> BlkAioEmAIOCB:
-    """Start a request in a new coroutine and return its AIOCB; ``cb(opaque, ret)`` runs when it is done."""
+    """Start a request in a new coroutine and return its AIOCB; ``cb(opaque, ret)`` runs when it is done.
+
+    Called from outside the BlockBackend's AioContext thread, the caller holds that context's lock
+    (aio_context_acquire), as QEMU 4.x requires: otherwise the request may complete twice.
+    """
     blk_inc_in_flight(blk)
     acb = BlkAioEmAIOCB(blk_aio_em_aiocb_info, blk_bs(blk), cb, opaque,
                         rwco=BlkRwCo(blk, offset, iobuf, NOT_DONE, flags), bytes=bytes)
@@ -816,6 +823,13 @@ class BlockBackendAIOCB(BlockAIOCB):
     ret: int = 0
 
 
+def _blk_aiocb_get_aio_context(acb: BlockBackendAIOCB) -> AioContext:
+    return blk_get_aio_context(acb.blk)
+
+
+block_backend_aiocb_info = AIOCBInfo(get_aio_context=_blk_aiocb_get_aio_context)
+
+
 def _error_callback_bh(acb: BlockBackendAIOCB) -> None:
     blk_dec_in_flight(acb.blk)
     acb.cb(acb.opaque, acb.ret)
@@ -826,7 +840,7 @@ def blk_abort_aio_request(blk: BlockBackend, cb: Callable[[Any, int], None], opa
                           ret: int) -> BlockBackendAIOCB:
     """Complete a request with ``ret`` from a BH, without doing any I/O."""
     blk_inc_in_flight(blk)
-    acb = BlockBackendAIOCB(AIOCBInfo(), blk_bs(blk), cb, opaque, blk=blk, ret=ret)
+    acb = BlockBackendAIOCB(block_backend_aiocb_info, blk_bs(blk), cb, opaque, blk=blk, ret=ret)
     aio_bh_schedule_oneshot(blk_get_aio_context(blk), _error_callback_bh, acb, "error_callback_bh")
     return acb
 
@@ -984,8 +998,11 @@ def blk_get_error_action(blk: BlockBackend, is_read: bool, error: int) -> BlockE
 
 def _send_qmp_error_event(blk: BlockBackend, action: BlockErrorAction, is_read: bool, error: int) -> None:
     bs = blk_bs(blk)
-    data = {"device": blk_name(blk), "node-name": bs.node_name if bs is not None else "",
-            "operation": "read" if is_read else "write", "action": action.value}
+    data = {"device": blk_name(blk)}
+    if bs is not None:
+        data["node-name"] = bs.node_name  # optional in the event: absent without a medium
+    data["operation"] = "read" if is_read else "write"
+    data["action"] = action.value
     if blk_iostatus_is_enabled(blk):
         data["nospace"] = error == errno.ENOSPC
     data["reason"] = strerror(error)
