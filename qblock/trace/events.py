@@ -86,6 +86,40 @@ bdrv_driver_exception(void *bs, const char *hook, const char *exc) "bs %p %s rai
 bdrv_co_flush(void *bs, int gen, int flushed_gen) "bs %p write_gen %d flushed_gen %d"
 bdrv_co_pdiscard(void *bs, int64_t offset, int64_t bytes) "bs %p offset %"PRId64" bytes %"PRId64
 bdrv_write_threshold_exceeded(void *bs, int64_t amount, int64_t threshold) "bs %p exceeded by %"PRId64" bytes (threshold %"PRId64")"
+
+# qblock: block/throttle-groups.c and block/throttle.c events (QEMU traces no throttling step)
+throttle_group_register_tgm(void *tgm, const char *group, void *ctx) "tgm %p group \"%s\" ctx %p"
+throttle_group_unregister_tgm(void *tgm, const char *group) "tgm %p group \"%s\""
+throttle_group_config(void *tgm, const char *group) "tgm %p group \"%s\": new limits, buckets emptied"
+throttle_group_co_io_limits_intercept(void *tgm, int64_t bytes, int is_write, void *token, int must_wait, unsigned int pending) "tgm %p bytes %"PRId64" is_write %d token %p must_wait %d queued before %u"
+throttle_group_io_limits_resume(void *tgm, int64_t bytes, int is_write) "tgm %p bytes %"PRId64" is_write %d: queued request goes"
+throttle_group_schedule_timer(void *tgm, int is_write, int64_t expire_ns) "tgm %p is_write %d timer armed for %"PRId64" ns"
+throttle_group_schedule_next_request(void *tgm, void *token, int is_write, const char *how) "tgm %p next token %p is_write %d: %s"
+throttle_group_timer_cb(void *tgm, int is_write) "tgm %p is_write %d"
+throttle_group_restart_queue(void *tgm, int is_write, int woken) "tgm %p is_write %d woke a request %d"
+
+# hw/virtio/virtio.c
+virtqueue_fill(void *vq, const void *elem, unsigned int len, unsigned int idx) "vq %p elem %p len %u idx %u"
+virtqueue_flush(void *vq, unsigned int count) "vq %p count %u"
+virtqueue_pop(void *vq, void *elem, unsigned int in_num, unsigned int out_num) "vq %p elem %p in_num %u out_num %u"
+virtio_queue_notify(void *vdev, int n, void *vq) "vdev %p n %d vq %p"
+virtio_notify_irqfd(void *vdev, void *vq) "vdev %p vq %p"
+virtio_notify(void *vdev, void *vq) "vdev %p vq %p"
+virtio_set_status(void *vdev, uint8_t val) "vdev %p val %u"
+
+# qblock: hw/virtio/virtio.c events QEMU has no trace point for
+virtio_error(void *vdev, const char *msg) "vdev %p device broken: %s"
+
+# hw/block/virtio-blk.c
+virtio_blk_req_complete(void *vdev, void *req, int status) "vdev %p req %p status %d"
+virtio_blk_rw_complete(void *vdev, void *req, int ret) "vdev %p req %p ret %d"
+virtio_blk_handle_write(void *vdev, void *req, uint64_t sector, size_t nsectors) "vdev %p req %p sector %"PRIu64" nsectors %zu"
+virtio_blk_handle_read(void *vdev, void *req, uint64_t sector, size_t nsectors) "vdev %p req %p sector %"PRIu64" nsectors %zu"
+virtio_blk_submit_multireq(void *vdev, void *mrb, int start, int num_reqs, uint64_t offset, size_t size, bool is_write) "vdev %p mrb %p start %d num_reqs %d offset %"PRIu64" size %zu is_write %d"
+
+# hw/block/dataplane/virtio-blk.c
+virtio_blk_data_plane_start(void *s) "dataplane %p"
+virtio_blk_data_plane_stop(void *s) "dataplane %p"
 '''
 
 globals().update(trace_events_declare(TRACE_EVENTS))
