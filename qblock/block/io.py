@@ -25,9 +25,13 @@ have their own paths, each with QEMU's conditions and errno values.
 Padding is QEMU 4.2's (bdrv_init_padding/bdrv_pad_request/
 bdrv_padding_rmw_read) with the later fix that a failed RMW read fails the
 write.  Flushing recurses into every child written through (QEMU 5.0+)
-rather than ``bs->file`` only.  A Python exception escaping a driver hook is
-turned into ``-EIO`` here, traced (``bdrv_driver_exception``), reported on
-stderr and kept in ``bs.last_driver_exception``: it is never lost.
+rather than ``bs->file`` only.  Later fixes taken as well: FUA emulation
+advances ``write_gen`` before its flush (else the flush found nothing new and
+skipped the disk), and copy-on-read hands the caller no more than it asked
+for when a cluster reaches past the request.  A Python exception escaping a
+driver hook is turned into ``-EIO`` here, traced (``bdrv_driver_exception``),
+reported on stderr and kept in ``bs.last_driver_exception``: it is never lost
+(an AssertionError, a broken contract, propagates instead).
 """
 from __future__ import annotations
 
@@ -51,6 +55,7 @@ from qblock.block.driver import (
     BDRV_REQ_MAY_UNMAP,
     BDRV_REQ_NO_FALLBACK,
     BDRV_REQ_NO_SERIALISING,
+    BDRV_REQ_PREFETCH,
     BDRV_REQ_SERIALISING,
     BDRV_REQ_WRITE_COMPRESSED,
     BDRV_REQ_WRITE_UNCHANGED,
@@ -380,9 +385,14 @@ class CoroutineIOCompletion:
 
 
 def bdrv_co_io_em_complete(co: CoroutineIOCompletion, ret: int) -> None:
-    """The completion callback given to AIO-style drivers: store ret, wake the coroutine."""
+    """The completion callback given to AIO-style drivers: store ret, wake the coroutine.
+
+    A driver that completes before its submission returns calls this from the waiting
+    coroutine itself: then there is nobody to wake, and _aio_wait does not yield (QEMU asserts).
+    """
     co.ret = ret
-    aio_co_wake(co.coroutine)
+    if co.coroutine is not qemu_coroutine_self():
+        aio_co_wake(co.coroutine)
 
 
 def _aio_wait(bs: BlockDriverState, hook: str, acb: Any, co: CoroutineIOCompletion) -> int:
@@ -527,6 +537,10 @@ def bdrv_driver_pwritev(bs: BlockDriverState, offset: int, bytes: int, qiov: QEM
     if ret == 0 and flags & BDRV_REQ_FUA:
         if trace_bdrv_fua_emulate.event.enabled:
             trace_bdrv_fua_emulate(bs, offset, bytes)
+        # bdrv_co_write_req_finish bumps write_gen only after we return, so without this the
+        # flush would see nothing written since the last one and skip the disk (QEMU's bug,
+        # fixed upstream in 2025 by advancing the generation before the emulated flush).
+        bs.write_gen += 1
         ret = bdrv_co_flush(bs)
     return ret
 
@@ -568,8 +582,13 @@ def bdrv_co_do_copy_on_readv(child: BdrvChild, offset: int, bytes: int, qiov: QE
             pnum = min(cluster_bytes, max_transfer)
         if ret == 0 and pnum == 0:
             break  # the image ends in the middle of the cluster
+        if skip_bytes >= pnum:
+            # QEMU asserts it too: allocation must not change inside the cluster before the request.
+            raise AssertionError(f"{bs.node_name}: allocation status changes inside a cluster "
+                                 f"(pnum {pnum} at {cluster_offset}, request at {offset})")
         if ret <= 0:
             pnum = min(pnum, MAX_BOUNCE_BUFFER)
+            want = min(pnum - skip_bytes, bytes - progress)   # what the caller asked for in this piece
             bview = memoryview(bounce)[:pnum]
             local = QEMUIOVector([bview], -1)
             ret = bdrv_driver_preadv(bs, cluster_offset, pnum, local, 0, 0)
@@ -582,12 +601,17 @@ def bdrv_co_do_copy_on_readv(child: BdrvChild, offset: int, bytes: int, qiov: QE
                 ret = bdrv_driver_pwritev(bs, cluster_offset, pnum, local, 0, BDRV_REQ_WRITE_UNCHANGED)
             if ret < 0:
                 return ret
-            if not flags & 0x200:  # BDRV_REQ_PREFETCH: populate only
-                qemu_iovec_from_buf(qiov, qiov_offset + progress, bview[skip_bytes:], pnum - skip_bytes)
+            # The last cluster may reach past the request: hand out only what was asked for.
+            if want > 0 and not flags & BDRV_REQ_PREFETCH:  # PREFETCH only populates the image
+                qemu_iovec_from_buf(qiov, qiov_offset + progress, bview[skip_bytes:], want)
         else:
-            ret = bdrv_driver_preadv(bs, offset + progress, pnum - skip_bytes, qiov, qiov_offset + progress, 0)
-            if ret < 0:
-                return ret
+            # Read directly into the destination, no further than the request (later QEMU's
+            # MIN(pnum - skip_bytes, bytes - progress); 4.1 overran a cluster that ends beyond it).
+            want = min(pnum - skip_bytes, bytes - progress)
+            if want > 0:
+                ret = bdrv_driver_preadv(bs, offset + progress, want, qiov, qiov_offset + progress, 0)
+                if ret < 0:
+                    return ret
         cluster_offset += pnum
         cluster_bytes -= pnum
         progress += pnum - skip_bytes
@@ -860,6 +884,11 @@ def bdrv_co_do_pwrite_zeroes(bs: BlockDriverState, offset: int, bytes: int, flag
     head = offset % alignment
     tail = (offset + bytes) % alignment
     max_write_zeroes = QEMU_ALIGN_DOWN(max_write_zeroes, alignment)
+    if alignment % bs.bl.request_alignment or max_write_zeroes < bs.bl.request_alignment:
+        # QEMU asserts here; going on would loop forever on zero-byte chunks.
+        raise AssertionError(f"{bs.node_name}: pwrite_zeroes_alignment {bs.bl.pwrite_zeroes_alignment} / "
+                             f"max_pwrite_zeroes {bs.bl.max_pwrite_zeroes} do not fit request_alignment "
+                             f"{bs.bl.request_alignment}")
     need_flush = False
     bounce: bytearray | None = None
     ret = 0
@@ -877,6 +906,8 @@ def bdrv_co_do_pwrite_zeroes(bs: BlockDriverState, offset: int, bytes: int, flag
         if drv.bdrv_co_pwrite_zeroes is not None:
             try:
                 ret = drv.bdrv_co_pwrite_zeroes(bs, offset, num, flags & bs.supported_zero_flags)
+            except AssertionError:
+                raise
             except Exception as e:  # noqa: BLE001 - the driver boundary
                 ret = _driver_exception(bs, "bdrv_co_pwrite_zeroes", e)
             if ret != -errno.ENOTSUP and flags & BDRV_REQ_FUA and not bs.supported_zero_flags & BDRV_REQ_FUA:
@@ -894,6 +925,7 @@ def bdrv_co_do_pwrite_zeroes(bs: BlockDriverState, offset: int, bytes: int, flag
         offset += num
         bytes -= num
     if ret == 0 and need_flush:
+        bs.write_gen += 1  # as in bdrv_driver_pwritev: the flush must not look redundant
         ret = bdrv_co_flush(bs)
     return ret
 
@@ -939,6 +971,10 @@ def bdrv_co_pdiscard(child: BdrvChild, offset: int, bytes: int) -> int:
             return ret
         max_pdiscard = QEMU_ALIGN_DOWN(MIN_NON_ZERO(bs.bl.max_pdiscard, INT_MAX), align)
         ralign = bs.bl.request_alignment
+        if align % ralign or max_pdiscard < ralign:
+            # QEMU asserts here; going on would loop forever on zero-byte chunks.
+            raise AssertionError(f"{bs.node_name}: pdiscard_alignment {bs.bl.pdiscard_alignment} / max_pdiscard "
+                                 f"{bs.bl.max_pdiscard} do not fit request_alignment {ralign}")
         while bytes > 0:
             num = bytes
             if head:
@@ -965,6 +1001,8 @@ def bdrv_co_pdiscard(child: BdrvChild, offset: int, bytes: int) -> int:
                     co = CoroutineIOCompletion(qemu_coroutine_self())
                     ret = _aio_wait(bs, "bdrv_aio_pdiscard",
                                     drv.bdrv_aio_pdiscard(bs, offset, num, bdrv_co_io_em_complete, co), co)
+            except AssertionError:
+                raise
             except Exception as e:  # noqa: BLE001 - the driver boundary
                 ret = _driver_exception(bs, "bdrv_co_pdiscard", e)
             if ret and ret != -errno.ENOTSUP:
@@ -994,13 +1032,16 @@ def bdrv_co_flush(bs: BlockDriverState) -> int:
         while bs.active_flush_req:
             qemu_co_queue_wait(bs.flush_queue)
         bs.active_flush_req = True
-        if trace_bdrv_co_flush.event.enabled:
-            trace_bdrv_co_flush(bs, current_gen, bs.flushed_gen)
-        ret = _bdrv_co_do_flush(bs, current_gen)
-        if ret == 0:
-            bs.flushed_gen = current_gen
-        bs.active_flush_req = False
-        qemu_co_queue_next(bs.flush_queue)
+        try:
+            if trace_bdrv_co_flush.event.enabled:
+                trace_bdrv_co_flush(bs, current_gen, bs.flushed_gen)
+            ret = _bdrv_co_do_flush(bs, current_gen)
+            if ret == 0:
+                bs.flushed_gen = current_gen
+        finally:
+            # Even if something raised: a flush left "active" would block every later one.
+            bs.active_flush_req = False
+            qemu_co_queue_next(bs.flush_queue)
         return ret
     finally:
         bdrv_dec_in_flight(bs)
@@ -1008,6 +1049,8 @@ def bdrv_co_flush(bs: BlockDriverState) -> int:
 
 def _bdrv_co_do_flush(bs: BlockDriverState, current_gen: int) -> int:
     drv = bs.drv
+    if drv is None:
+        return -errno.ENOMEDIUM  # ejected while this flush waited for an earlier one
     try:
         if drv.bdrv_co_flush is not None:
             return drv.bdrv_co_flush(bs)
@@ -1029,6 +1072,8 @@ def _bdrv_co_do_flush(bs: BlockDriverState, current_gen: int) -> int:
                 ret = 0  # a driver that cannot flush: trust the user's choice of cache mode
             if ret < 0:
                 return ret
+    except AssertionError:
+        raise
     except Exception as e:  # noqa: BLE001 - the driver boundary
         return _driver_exception(bs, "flush", e)
     # Then every child we write through; the first error wins.
@@ -1093,6 +1138,8 @@ def bdrv_co_block_status(bs: BlockDriverState, want_zero: bool, offset: int,
         try:
             ret, pnum, local_map, local_file = drv.bdrv_co_block_status(bs, want_zero, aligned_offset,
                                                                          aligned_bytes)
+        except AssertionError:
+            raise
         except Exception as e:  # noqa: BLE001 - the driver boundary
             ret, pnum = _driver_exception(bs, "bdrv_co_block_status", e), 0
         if ret < 0:
@@ -1261,6 +1308,7 @@ def run_co_in(ctx, fn: Callable[..., Any], *args: Any) -> Any:
 
     def entry(_):
         result.append(fn(*args))
+        aio_wait_kick()  # the waiter may poll another context: wake it now that the result is there
 
     aio_co_enter(ctx, qemu_coroutine_create(entry, None))
     AIO_WAIT_WHILE(ctx, lambda: not result)

@@ -7,7 +7,7 @@ QEMU's ``bdrv_driver_pwritev`` ladder reaches:
 =================  ===========================================================
 ``co``             ``bdrv_co_preadv`` / ``bdrv_co_pwritev`` (byte based)
 ``part``           ``bdrv_co_preadv_part`` / ``bdrv_co_pwritev_part``
-``aio``            ``bdrv_aio_preadv`` / ``bdrv_aio_pwritev`` (completion from a BH)
+``aio``            ``bdrv_aio_preadv`` / ``bdrv_aio_pwritev`` (completion from a BH or timer)
 ``sector``         ``bdrv_co_readv`` / ``bdrv_co_writev`` (sector based, no flags)
 ``sector-flags``   ``bdrv_co_readv`` / ``bdrv_co_writev_flags``
 ``aio-sector``     ``bdrv_aio_readv`` / ``bdrv_aio_writev`` (the seed's sector-based AIO)
@@ -15,12 +15,18 @@ QEMU's ``bdrv_driver_pwritev`` ladder reaches:
 
 Options: ``size`` (default 1 MiB), ``align`` (request_alignment; default 1
 for byte-based styles, 512 otherwise), ``max-transfer``, ``fua`` (the driver
-honours BDRV_REQ_FUA itself), ``write-zeroes`` (it has
-``bdrv_co_pwrite_zeroes``; ``write-zeroes-notsup`` makes it answer -ENOTSUP),
-``pwrite-zeroes-alignment``, ``max-pwrite-zeroes``, ``discard``,
+honours BDRV_REQ_FUA itself; not the flag-less sector styles), ``write-zeroes``
+(it has ``bdrv_co_pwrite_zeroes``; ``write-zeroes-notsup`` makes it answer
+-ENOTSUP), ``pwrite-zeroes-alignment``, ``max-pwrite-zeroes``, ``discard``,
 ``pdiscard-alignment``, ``max-pdiscard``, ``latency-ns`` (virtual-clock
-sleep in every call, so requests overlap), ``fail`` (an errno every data
-call returns), ``block-status`` (data/zero per 4 KiB block).
+sleep in every call, so requests overlap; the AIO styles complete from a
+timer then; in every style the data moves when the call ends), ``fail`` (an
+errno every data, zero-write and discard call returns), ``fail-flush`` (an
+errno every flush returns), ``block-status`` (data/zero per 4 KiB block:
+written blocks are data, blocks wholly zeroed or discarded are zero).
+``write-zeroes``, ``discard`` and ``block-status`` are chosen by
+:func:`memdrv_options`' arguments of the same names, since they decide which
+hooks the driver class has.
 
 ``state.calls`` records ``(op, offset, bytes, flags)`` for every driver call;
 ``state.flushes`` counts flushes.
@@ -43,7 +49,7 @@ from qblock.block.driver import (
     bdrv_register,
 )
 from qblock.block.graph import bdrv_get_aio_context
-from qblock.util.aio import aio_bh_schedule_oneshot
+from qblock.util.aio import aio_bh_schedule_oneshot, aio_timer_new
 from qblock.util.aiocb import AIOCBInfo, BlockAIOCB
 from qblock.util.coroutine_lock import qemu_co_sleep_ns
 from qblock.util.iov import qemu_iovec_from_buf, qemu_iovec_to_buf
@@ -55,7 +61,7 @@ from qblock.util.qemu_option import (
     QemuOptsList,
     qemu_opts_absorb_qdict,
 )
-from qblock.util.timer import QEMU_CLOCK_VIRTUAL
+from qblock.util.timer import QEMU_CLOCK_VIRTUAL, SCALE_NS, qemu_clock_get_ns, timer_mod_ns
 
 STYLES = ("co", "part", "aio", "sector", "sector-flags", "aio-sector")
 STATUS_BLOCK = 4096
@@ -74,6 +80,7 @@ memdrv_opts = QemuOptsList("test-mem", [
     QemuOptDesc("max-pdiscard", QEMU_OPT_SIZE, "max_pdiscard"),
     QemuOptDesc("latency-ns", QEMU_OPT_NUMBER, "virtual-clock sleep in every call"),
     QemuOptDesc("fail", QEMU_OPT_NUMBER, "errno every data call returns"),
+    QemuOptDesc("fail-flush", QEMU_OPT_NUMBER, "errno every flush returns"),
     QemuOptDesc("block-status", QEMU_OPT_BOOL, "report data/zero per 4 KiB block"),
 ])
 
@@ -91,6 +98,7 @@ class MemState:
     max_pdiscard: int = 0
     latency_ns: int = 0
     fail: int = 0
+    fail_flush: int = 0
     calls: list = attrs.field(factory=list)
     flushes: int = 0
     written: bytearray = attrs.field(factory=bytearray)   # 1 per 4 KiB block that holds data
@@ -120,9 +128,13 @@ class MemDriverBase(BlockDriver):
         s.max_pdiscard = o.get("max-pdiscard", 0)
         s.latency_ns = o.get("latency-ns", 0)
         s.fail = o.get("fail", 0)
-        if s.fua and self.style != "sector":
+        s.fail_flush = o.get("fail-flush", 0)
+        # Only the styles whose write hook takes flags can honour FUA.
+        if s.fua and self.style not in ("sector", "aio-sector"):
             bs.supported_write_flags = BDRV_REQ_FUA
-        if o.get("write-zeroes", False):
+        # Zero flags follow the hook, not the option: memdrv_options() picks the hook from
+        # write_zeroes=True and so never passes the "write-zeroes" option itself.
+        if self.bdrv_co_pwrite_zeroes is not None:
             bs.supported_zero_flags = BDRV_REQ_MAY_UNMAP | (BDRV_REQ_FUA if s.fua else 0)
         return 0
 
@@ -168,8 +180,7 @@ class MemDriverBase(BlockDriver):
         if s.fail:
             return -s.fail
         qemu_iovec_to_buf(qiov, qiov_offset, memoryview(s.data)[offset:offset + bytes], bytes)
-        for b in range(offset // STATUS_BLOCK, (offset + bytes + STATUS_BLOCK - 1) // STATUS_BLOCK):
-            s.written[b] = 1
+        _mark(s, offset, bytes, True)
         return 0
 
     def bdrv_co_flush_to_disk(self, bs) -> int:
@@ -177,28 +188,53 @@ class MemDriverBase(BlockDriver):
         s.calls.append(("flush", 0, 0, 0))
         s.flushes += 1
         self._sleep(s)
-        return 0
+        return -s.fail_flush
+
+
+def _mark(s: MemState, offset: int, bytes: int, data: bool) -> None:
+    """Update the block-status map: data marks every block touched, zeroes only the blocks wholly covered."""
+    if data:
+        first, end = offset // STATUS_BLOCK, (offset + bytes + STATUS_BLOCK - 1) // STATUS_BLOCK
+    else:
+        first, end = (offset + STATUS_BLOCK - 1) // STATUS_BLOCK, (offset + bytes) // STATUS_BLOCK
+    for b in range(first, end):
+        s.written[b] = 1 if data else 0
+
+
+def _check_range(s: MemState, what: str, offset: int, bytes: int) -> None:
+    if offset < 0 or bytes < 0 or offset + bytes > len(s.data):
+        raise AssertionError(f"test-mem got a {what} beyond its end: [{offset}, +{bytes})")
 
 
 def _co_pwrite_zeroes(self, bs, offset: int, bytes: int, flags: int) -> int:
     s: MemState = bs.opaque
     s.calls.append(("write_zeroes", offset, bytes, flags))
+    if offset % s.align or bytes % s.align:
+        raise AssertionError(f"test-mem got an unaligned zero write [{offset}, +{bytes}) with align {s.align}")
+    _check_range(s, "zero write", offset, bytes)
     self._sleep(s)
     if s.zeroes_notsup:
         return -errno.ENOTSUP
     if s.max_pwrite_zeroes and bytes > s.max_pwrite_zeroes:
         raise AssertionError(f"test-mem got a {bytes}-byte zero write above max_pwrite_zeroes")
+    if s.fail:
+        return -s.fail
     s.data[offset:offset + bytes] = bytes_(bytes)
+    _mark(s, offset, bytes, False)
     return 0
 
 
 def _co_pdiscard(self, bs, offset: int, bytes: int) -> int:
     s: MemState = bs.opaque
     s.calls.append(("discard", offset, bytes, 0))
+    _check_range(s, "discard", offset, bytes)  # unaligned heads and tails are allowed: discard is advisory
     self._sleep(s)
     if s.max_pdiscard and bytes > s.max_pdiscard:
         raise AssertionError(f"test-mem got a {bytes}-byte discard above max_pdiscard")
+    if s.fail:
+        return -s.fail
     s.data[offset:offset + bytes] = bytes_(bytes)  # discarded space reads back as zeroes here
+    _mark(s, offset, bytes, False)
     return 0
 
 
@@ -218,9 +254,22 @@ def _co_block_status(self, bs, want_zero: bool, offset: int, bytes: int):
 bytes_ = bytes
 
 
-def _complete_bh(args) -> None:
-    acb, ret = args
-    acb.cb(acb.opaque, ret)
+def _complete(args) -> None:
+    acb, work = args
+    acb.cb(acb.opaque, work())
+
+
+def _aio_submit(bs, cb, opaque, work) -> BlockAIOCB:
+    """Do ``work`` (the data transfer) and call ``cb`` after the latency (a timer) or from a BH."""
+    acb = BlockAIOCB(_aiocb_info, bs, cb, opaque)
+    ctx = bdrv_get_aio_context(bs)
+    latency = bs.opaque.latency_ns
+    if latency:
+        t = aio_timer_new(ctx, QEMU_CLOCK_VIRTUAL, SCALE_NS, _complete, (acb, work))
+        timer_mod_ns(t, qemu_clock_get_ns(QEMU_CLOCK_VIRTUAL) + latency)
+    else:
+        aio_bh_schedule_oneshot(ctx, _complete, (acb, work))
+    return acb
 
 
 def _make(style: str, zeroes: bool, discard: bool, status: bool) -> type[MemDriverBase]:
@@ -235,14 +284,12 @@ def _make(style: str, zeroes: bool, discard: bool, status: bool) -> type[MemDriv
                                                                         self._write(bs, o, b, q, f, qo))[1]
     elif style == "aio":
         def aio_pr(self, bs, o, b, q, f, cb, opaque):
-            acb = BlockAIOCB(_aiocb_info, bs, cb, opaque)
-            aio_bh_schedule_oneshot(bdrv_get_aio_context(bs), _complete_bh, (acb, self._read(bs, o, b, q)))
-            return acb
+            self._check(bs.opaque, o, b)  # contract violations surface in the caller, not in a BH
+            return _aio_submit(bs, cb, opaque, lambda: self._read(bs, o, b, q))
 
         def aio_pw(self, bs, o, b, q, f, cb, opaque):
-            acb = BlockAIOCB(_aiocb_info, bs, cb, opaque)
-            aio_bh_schedule_oneshot(bdrv_get_aio_context(bs), _complete_bh, (acb, self._write(bs, o, b, q, f)))
-            return acb
+            self._check(bs.opaque, o, b)
+            return _aio_submit(bs, cb, opaque, lambda: self._write(bs, o, b, q, f))
         ns["bdrv_aio_preadv"] = aio_pr
         ns["bdrv_aio_pwritev"] = aio_pw
     elif style in ("sector", "sector-flags"):
@@ -256,15 +303,12 @@ def _make(style: str, zeroes: bool, discard: bool, status: bool) -> type[MemDriv
                 self._sleep(bs.opaque), self._write(bs, sn * 512, n * 512, q, f))[1]
     elif style == "aio-sector":
         def aio_r(self, bs, sn, q, n, cb, opaque):
-            acb = BlockAIOCB(_aiocb_info, bs, cb, opaque)
-            aio_bh_schedule_oneshot(bdrv_get_aio_context(bs), _complete_bh, (acb, self._read(bs, sn * 512, n * 512, q)))
-            return acb
+            self._check(bs.opaque, sn * 512, n * 512)
+            return _aio_submit(bs, cb, opaque, lambda: self._read(bs, sn * 512, n * 512, q))
 
         def aio_w(self, bs, sn, q, n, cb, opaque):
-            acb = BlockAIOCB(_aiocb_info, bs, cb, opaque)
-            aio_bh_schedule_oneshot(bdrv_get_aio_context(bs), _complete_bh,
-                                    (acb, self._write(bs, sn * 512, n * 512, q, 0)))
-            return acb
+            self._check(bs.opaque, sn * 512, n * 512)
+            return _aio_submit(bs, cb, opaque, lambda: self._write(bs, sn * 512, n * 512, q, 0))
         ns["bdrv_aio_readv"] = aio_r
         ns["bdrv_aio_writev"] = aio_w
     if zeroes:
