@@ -36,7 +36,11 @@ from qblock.block.driver import (
     BDRV_O_RDWR,
     BDRV_O_RESIZE,
     BDRV_REQ_FUA,
+    BDRV_REQ_MAY_UNMAP,
     BDRV_REQ_ZERO_WRITE,
+    BDRV_REQUEST_MAX_SECTORS,
+    BDRV_SECTOR_BITS,
+    BDRV_SECTOR_SIZE,
     INT_MAX,
     NOT_DONE,
     PreallocMode,
@@ -99,7 +103,7 @@ from qblock.util.aio import (
     aio_wait_kick,
     qemu_get_aio_context,
 )
-from qblock.util.aiocb import AIOCBInfo, BlockAIOCB, qemu_aio_get, qemu_aio_unref
+from qblock.util.aiocb import AIOCBInfo, BlockAIOCB, qemu_aio_unref
 from qblock.util.coroutine import coroutine_fn, qemu_coroutine_create
 from qblock.util.coroutine_lock import CoQueue, qemu_co_enter_next, qemu_co_queue_wait
 from qblock.util.cutils import MIN_NON_ZERO
@@ -124,7 +128,10 @@ __all__ = [
     "blk_iostatus_enable", "blk_iostatus_is_enabled", "blk_iostatus_reset", "blk_iostatus_set_err",
     "blk_iostatus", "blk_set_on_error", "blk_get_on_error", "blk_get_error_action", "blk_error_action",
     "blk_get_stats", "blk_inc_in_flight", "blk_dec_in_flight", "blk_set_allow_write_beyond_eof",
-    "blk_set_disable_request_queuing", "blk_set_allow_aio_context_change", "child_root",
+    "blk_set_disable_request_queuing", "blk_set_allow_aio_context_change", "child_root", "blk_get_geometry",
+    # include/block/block.h as devices see it through block-backend.h
+    "BDRV_SECTOR_BITS", "BDRV_SECTOR_SIZE", "BDRV_REQUEST_MAX_SECTORS", "BDRV_REQ_FUA", "BDRV_REQ_MAY_UNMAP",
+    "BLK_PERM_ALL", "BLK_PERM_CONSISTENT_READ", "BLK_PERM_WRITE", "BLK_PERM_RESIZE",
 ]
 
 
@@ -499,6 +506,12 @@ def blk_getlength(blk: BlockBackend) -> int:
     return bdrv_getlength(blk_bs(blk))
 
 
+def blk_get_geometry(blk: BlockBackend) -> int:
+    """The size in 512-byte sectors, 0 without a medium (block-backend.c: blk_get_geometry)."""
+    length = blk_getlength(blk)
+    return length >> BDRV_SECTOR_BITS if length > 0 else 0
+
+
 def blk_get_stats(blk: BlockBackend) -> BlockAcctStats:
     return blk.stats
 
@@ -561,7 +574,7 @@ def blk_check_byte_request(blk: BlockBackend, offset: int, size: int) -> int:
     elif offset < 0:
         ret = -errno.EIO
     elif not blk.allow_write_beyond_eof:
-        length = blk_getlength(blk)
+        length = bdrv_getlength(blk.root.bs)  # availability was checked just above
         if length < 0:
             ret = length
         elif offset > length or length - offset < size:
@@ -620,18 +633,20 @@ def blk_co_do_pwritev(blk: BlockBackend, offset: int, bytes: int, qiov: QEMUIOVe
 def blk_co_preadv(blk: BlockBackend, offset: int, bytes: int, qiov: QEMUIOVector | None, flags: int = 0) -> int:
     """Read into ``qiov`` (block-backend.c: blk_co_preadv)."""
     blk_inc_in_flight(blk)
-    ret = blk_co_do_preadv(blk, offset, bytes, qiov, 0, flags)
-    blk_dec_in_flight(blk)
-    return ret
+    try:
+        return blk_co_do_preadv(blk, offset, bytes, qiov, 0, flags)
+    finally:
+        blk_dec_in_flight(blk)
 
 
 @coroutine_fn
 def blk_co_pwritev(blk: BlockBackend, offset: int, bytes: int, qiov: QEMUIOVector | None, flags: int = 0) -> int:
     """Write from ``qiov`` (block-backend.c: blk_co_pwritev)."""
     blk_inc_in_flight(blk)
-    ret = blk_co_do_pwritev(blk, offset, bytes, qiov, 0, flags)
-    blk_dec_in_flight(blk)
-    return ret
+    try:
+        return blk_co_do_pwritev(blk, offset, bytes, qiov, 0, flags)
+    finally:
+        blk_dec_in_flight(blk)
 
 
 @coroutine_fn
@@ -650,9 +665,10 @@ def blk_co_do_pdiscard(blk: BlockBackend, offset: int, bytes: int) -> int:
 @coroutine_fn
 def blk_co_pdiscard(blk: BlockBackend, offset: int, bytes: int) -> int:
     blk_inc_in_flight(blk)
-    ret = blk_co_do_pdiscard(blk, offset, bytes)
-    blk_dec_in_flight(blk)
-    return ret
+    try:
+        return blk_co_do_pdiscard(blk, offset, bytes)
+    finally:
+        blk_dec_in_flight(blk)
 
 
 def blk_co_do_flush(blk: BlockBackend) -> int:
@@ -665,9 +681,10 @@ def blk_co_do_flush(blk: BlockBackend) -> int:
 @coroutine_fn
 def blk_co_flush(blk: BlockBackend) -> int:
     blk_inc_in_flight(blk)
-    ret = blk_co_do_flush(blk)
-    blk_dec_in_flight(blk)
-    return ret
+    try:
+        return blk_co_do_flush(blk)
+    finally:
+        blk_dec_in_flight(blk)
 
 
 @coroutine_fn

@@ -124,7 +124,7 @@ from qblock.util.coroutine import (
 )
 from qblock.util.coroutine_lock import CoQueue, qemu_co_queue_next, qemu_co_queue_restart_all, qemu_co_queue_wait
 from qblock.util.cutils import MIN_NON_ZERO, QEMU_ALIGN_DOWN, ROUND_UP
-from qblock.util.error import Error, error_setg_errno, warn_report
+from qblock.util.error import Error, warn_report
 from qblock.util.iov import (
     QEMUIOVector,
     qemu_iovec_from_buf,

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import errno
 import random
-from typing import Any, Callable
+from typing import Callable
 
 import attrs
 

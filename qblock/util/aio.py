@@ -80,7 +80,8 @@ __all__ = [
     "aio_disable_external", "aio_enable_external", "aio_timer_new", "aio_co_schedule",
     "aio_co_enter", "aio_co_wake", "event_notifier_init", "event_notifier_set",
     "event_notifier_test_and_clear", "event_notifier_cleanup", "event_notifier_get_fd",
-    "AIO_WAIT_WHILE", "aio_wait_kick", "iothread_create", "iothread_get_aio_context",
+    "AIO_WAIT_WHILE", "aio_wait_kick", "aio_wait_bh_oneshot", "iothread_create", "iothread_get_aio_context",
+    "iothread_by_id",
     "iothread_destroy", "aio_dump_waiters", "aio_dump_install_signal",
 ]
 
@@ -679,6 +680,19 @@ def AIO_WAIT_WHILE(ctx: AioContext | None, cond: Callable[[], bool]) -> bool:
         with _wait_lock:
             global_aio_wait.num_waiters -= 1
     return waited
+
+
+def aio_wait_bh_oneshot(ctx: AioContext, cb: Callable[[Any], None], opaque: Any) -> None:
+    """Run ``cb(opaque)`` in ``ctx`` (maybe another thread's) and wait until it ran (util/aio-wait.c)."""
+    done = []
+
+    def bh(_: Any) -> None:
+        cb(opaque)
+        done.append(True)
+        aio_wait_kick()
+
+    aio_bh_schedule_oneshot(ctx, bh, None, "aio_wait_bh")
+    AIO_WAIT_WHILE(ctx, lambda: not done)
 
 
 # ---------------------------------------------------------------------------
