@@ -221,6 +221,7 @@ class BlockDriver:
     runtime_opts: ClassVar[QemuOptsList | None] = None
     create_opts: ClassVar[QemuOptsList | None] = None
     is_filter: ClassVar[bool] = False
+    filtered_child_is_backing: ClassVar[bool] = False   # a filter whose filtered child is "backing", not "file"
     supports_backing: ClassVar[bool] = False
     bdrv_needs_filename: ClassVar[bool] = False
     has_variable_length: ClassVar[bool] = False

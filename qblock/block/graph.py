@@ -17,7 +17,9 @@ What is here, by QEMU's names:
 * edges: ``bdrv_root_attach_child``, ``bdrv_attach_child``,
   ``bdrv_open_child``, ``bdrv_unref_child``, ``bdrv_set_backing_hd``,
   ``bdrv_replace_node``, ``bdrv_append``, ``bdrv_filter_bs``,
-  ``bdrv_skip_filters``;
+  ``bdrv_skip_filters``; cycles refused with QEMU's message; the ``_noperm``
+  helpers link and unlink without a permission check, so that a change made
+  of several steps (``bdrv_append``) is checked once, as QEMU 6.0+ does;
 * permissions: ``bdrv_default_perms`` and QEMU's conflict checks, applied
   to the whole affected subgraph in topological order and rolled back as a
   unit on failure, with QEMU's messages naming both users;
@@ -301,14 +303,14 @@ all_bdrv_states: list[BlockDriverState] = []      # every node (bdrv_next_all_st
 graph_bdrv_states: list[BlockDriverState] = []    # every named node, in creation order
 bdrv_drain_all_count = 0
 
-_id_counter = itertools.count()
+_id_counter = itertools.count(1)
 _id_rng = random.Random(0)
-_ID_RE = re.compile(r"^[A-Za-z][A-Za-z0-9._-]*$")
+_ID_RE = re.compile(r"[A-Za-z][A-Za-z0-9._-]*", re.ASCII)
 
 
 def id_wellformed(name: str) -> bool:
     """A letter followed by letters, digits, '-', '.' or '_' (util/id.c)."""
-    return bool(_ID_RE.match(name))
+    return _ID_RE.fullmatch(name) is not None
 
 
 def id_generate_block() -> str:
@@ -352,12 +354,12 @@ def bdrv_lookup_bs(device: str | None, node_name: str | None = None) -> BlockDri
         bs = bdrv_find_node(node_name)
         if bs is not None:
             return bs
-    raise Error(f"Cannot find device={device or ''} nor node_name={node_name or ''}")
+    raise Error(f"Cannot find device='{device or ''}' nor node-name='{node_name or ''}'")
 
 
 def bdrv_assign_node_name(bs: BlockDriverState, node_name: str | None) -> None:
     from qblock.block.block_backend import blk_by_name
-    if not node_name:
+    if node_name is None:
         node_name = id_generate_block()
     elif not id_wellformed(node_name):
         raise Error(f"Invalid node-name: '{node_name}'")
@@ -689,8 +691,7 @@ def bdrv_list_refresh_perms(roots: list[BlockDriverState]) -> None:
                         _bdrv_a_allow_b(a, b)
             cum_perm, cum_shared = bdrv_get_cumulative_perm(bs)
             if cum_perm & (BLK_PERM_WRITE | BLK_PERM_WRITE_UNCHANGED) and not bdrv_is_writable(bs):
-                if cum_perm & BLK_PERM_WRITE or not bs.read_only:
-                    raise Error("Block node is read-only", errno=errno.EPERM)
+                raise Error("Block node is read-only", errno=errno.EPERM)
             if bs.drv is None:
                 continue
             for c in bs.children:
@@ -736,7 +737,15 @@ class ChildOfBds(BdrvChildClass):
 
     def attach(self, c: BdrvChild) -> None:
         parent: BlockDriverState = c.opaque
-        if c.role & BDRV_CHILD_COW:
+        drv = parent.drv
+        if (drv is not None and drv.is_filter) or c.role & BDRV_CHILD_FILTERED:
+            # A filter's (or raw's) primary child is its filtered child: "backing" or "file" as the driver says.
+            if c.role & BDRV_CHILD_PRIMARY:
+                if drv is not None and drv.filtered_child_is_backing:
+                    parent.backing = c
+                else:
+                    parent.file = c
+        elif c.role & BDRV_CHILD_COW:
             parent.backing = c
         elif c.role & BDRV_CHILD_PRIMARY and parent.file is None:
             parent.file = c
@@ -801,9 +810,30 @@ def bdrv_root_attach_child(child_bs: BlockDriverState, child_name: str, child_cl
     return child
 
 
-def bdrv_attach_child(parent_bs: BlockDriverState, child_bs: BlockDriverState, child_name: str,
-                      child_class: BdrvChildClass = child_of_bds, child_role: int = child_file) -> BdrvChild:
-    """Make ``child_bs`` a child of ``parent_bs`` named ``child_name``; consumes the child reference."""
+def bdrv_recurse_has_child(bs: BlockDriverState, child: BlockDriverState) -> bool:
+    """True when ``child`` is ``bs`` or any node below it, through any edge."""
+    if bs is child:
+        return True
+    return any(bdrv_recurse_has_child(c.bs, child) for c in bs.children)
+
+
+def bdrv_backing_role(bs: BlockDriverState) -> int:
+    """The role of a backing child: a filter's filtered child, else a COW backing file."""
+    if bs.drv is not None and bs.drv.is_filter:
+        return BDRV_CHILD_FILTERED | BDRV_CHILD_PRIMARY
+    return BDRV_CHILD_COW
+
+
+def bdrv_attach_child_noperm(parent_bs: BlockDriverState, child_bs: BlockDriverState, child_name: str,
+                             child_class: BdrvChildClass, child_role: int) -> BdrvChild:
+    """Link a new edge with the permissions the parent asks for, without checking them.
+
+    Takes no reference; the caller checks permissions (bdrv_list_refresh_perms) and
+    undoes the link with bdrv_detach_child_noperm if they conflict.
+    """
+    if bdrv_recurse_has_child(child_bs, parent_bs):
+        raise Error(f"Making '{child_bs.node_name}' a {child_name} child of '{parent_bs.node_name}' "
+                    "would create a cycle", errno=errno.EINVAL)
     if bdrv_get_aio_context(parent_bs) is not bdrv_get_aio_context(child_bs):
         bdrv_try_set_aio_context(child_bs, bdrv_get_aio_context(parent_bs))
     cum_perm, cum_shared = bdrv_get_cumulative_perm(parent_bs)
@@ -813,11 +843,33 @@ def bdrv_attach_child(parent_bs: BlockDriverState, child_bs: BlockDriverState, c
     child.perm, child.shared_perm = perm, shared
     bdrv_replace_child_noperm(child, child_bs)
     parent_bs.children.insert(0, child)
+    return child
+
+
+def bdrv_detach_child_noperm(parent_bs: BlockDriverState, child: BdrvChild) -> BlockDriverState | None:
+    """Unlink an edge without dropping its reference or refreshing permissions; returns the child node."""
+    child_bs = child.bs
+    if child in parent_bs.children:
+        parent_bs.children.remove(child)
+    bdrv_replace_child_noperm(child, None)
+    return child_bs
+
+
+def bdrv_attach_child(parent_bs: BlockDriverState, child_bs: BlockDriverState, child_name: str,
+                      child_class: BdrvChildClass = child_of_bds, child_role: int = child_file) -> BdrvChild:
+    """Make ``child_bs`` a child of ``parent_bs`` named ``child_name``; consumes the child reference.
+
+    Raises Error (a cycle, a permission conflict) with the graph unchanged and the reference dropped.
+    """
+    try:
+        child = bdrv_attach_child_noperm(parent_bs, child_bs, child_name, child_class, child_role)
+    except Error:
+        bdrv_unref(child_bs)
+        raise
     try:
         bdrv_list_refresh_perms([parent_bs])
     except Error:
-        parent_bs.children.remove(child)
-        bdrv_replace_child_noperm(child, None)
+        bdrv_detach_child_noperm(parent_bs, child)
         bdrv_unref(child_bs)
         raise
     return child
@@ -847,7 +899,7 @@ def bdrv_filter_bs(bs: BlockDriverState | None) -> BlockDriverState | None:
     """The node a filter filters (its file, or its backing for backing filters), else None."""
     if bs is None or bs.drv is None or not bs.drv.is_filter:
         return None
-    c = bs.backing if getattr(bs.drv, "filtered_child_is_backing", False) else bs.file
+    c = bs.backing if bs.drv.filtered_child_is_backing else bs.file
     return c.bs if c is not None else None
 
 
@@ -866,18 +918,43 @@ def backing_bs(bs: BlockDriverState) -> BlockDriverState | None:
 
 
 def bdrv_set_backing_hd(bs: BlockDriverState, backing_hd: BlockDriverState | None) -> None:
-    """Make ``backing_hd`` the backing node of ``bs`` (taking its own reference); None removes it."""
-    if backing_hd is not None and bdrv_chain_contains(backing_hd, bs):
-        raise Error("Making this backing link would create a loop")
+    """Make ``backing_hd`` the backing node of ``bs`` (taking its own reference); None removes it.
+
+    All or nothing: on a cycle or a permission conflict the old backing link stays.
+    """
+    drv = bs.drv
+    if drv is not None and not drv.is_filter and not drv.supports_backing:
+        raise Error(f"Driver '{drv.format_name}' of node '{bs.node_name}' does not support backing files",
+                    errno=errno.EINVAL)
+    if backing_hd is not None and bdrv_recurse_has_child(backing_hd, bs):
+        raise Error(f"Making '{backing_hd.node_name}' a backing child of '{bs.node_name}' would create a cycle",
+                    errno=errno.EINVAL)
+    old = bs.backing
+    old_index = bs.children.index(old) if old is not None else 0
+    old_bs = bdrv_detach_child_noperm(bs, old) if old is not None else None
+    child = None
+    try:
+        if backing_hd is not None:
+            child = bdrv_attach_child_noperm(bs, backing_hd, "backing", child_of_bds, bdrv_backing_role(bs))
+            bdrv_ref(backing_hd)
+        bdrv_list_refresh_perms([bs])
+    except Error:
+        if child is not None:
+            bdrv_detach_child_noperm(bs, child)
+            bdrv_unref(backing_hd)
+        if old is not None:
+            bdrv_replace_child_noperm(old, old_bs)
+            bs.children.insert(old_index, old)
+        raise
+    if old_bs is not None:
+        try:
+            bdrv_refresh_perms(old_bs)
+        except Error:
+            pass  # dropping permissions cannot conflict
+        bdrv_unref(old_bs)
     if backing_hd is not None:
-        bdrv_ref(backing_hd)
-    if bs.backing is not None:
-        bdrv_unref_child(bs, bs.backing)
-    if backing_hd is None:
-        return
-    bdrv_attach_child(bs, backing_hd, "backing", child_of_bds, child_backing)
-    bs.backing_file = backing_hd.filename
-    bs.backing_format = backing_hd.drv.format_name if backing_hd.drv else ""
+        bs.backing_file = backing_hd.filename
+        bs.backing_format = backing_hd.drv.format_name if backing_hd.drv else ""
     bdrv_refresh_limits(bs)
 
 
@@ -904,6 +981,31 @@ def _should_update_child(c: BdrvChild, to: BlockDriverState) -> bool:
     return True
 
 
+def bdrv_replace_node_noperm(from_bs: BlockDriverState, to: BlockDriverState) -> list[BdrvChild]:
+    """Move the parent edges of ``from_bs`` that may move to ``to``; no permission check.
+
+    Each moved edge takes a reference on ``to`` (and still holds its one on ``from_bs``:
+    drop those once the change is final, or call bdrv_replace_node_undo).
+    """
+    moved = []
+    for c in list(from_bs.parents):
+        if not _should_update_child(c, to):
+            continue
+        if c.frozen:
+            raise Error(f"Cannot change '{c.name}' link to '{from_bs.node_name}'", errno=errno.EPERM)
+        moved.append(c)
+    for c in moved:
+        bdrv_ref(to)
+        bdrv_replace_child_noperm(c, to)
+    return moved
+
+
+def bdrv_replace_node_undo(moved: list[BdrvChild], from_bs: BlockDriverState, to: BlockDriverState) -> None:
+    for c in moved:
+        bdrv_replace_child_noperm(c, from_bs)
+        bdrv_unref(to)
+
+
 def bdrv_replace_node(from_bs: BlockDriverState, to: BlockDriverState) -> None:
     """Move every parent edge of ``from_bs`` to ``to`` (except those that would loop); all or nothing."""
     if bdrv_get_aio_context(from_bs) is not bdrv_get_aio_context(to):
@@ -911,24 +1013,12 @@ def bdrv_replace_node(from_bs: BlockDriverState, to: BlockDriverState) -> None:
     bdrv_ref(from_bs)
     bdrv_drained_begin(from_bs)
     bdrv_drained_begin(to)
-    moved = []
     try:
-        for c in list(from_bs.parents):
-            if not _should_update_child(c, to):
-                continue
-            if c.frozen:
-                raise Error(f"Cannot change '{c.name}' link from '{c.opaque.trace_name}' to '{from_bs.node_name}'")
-            moved.append(c)
-        for c in moved:
-            bdrv_ref(to)
-            bdrv_replace_child_noperm(c, to)
+        moved = bdrv_replace_node_noperm(from_bs, to)
         try:
             bdrv_list_refresh_perms([to, from_bs])
         except Error:
-            for c in moved:
-                bdrv_replace_child_noperm(c, from_bs)
-                bdrv_unref(to)
-            bdrv_list_refresh_perms([to, from_bs])
+            bdrv_replace_node_undo(moved, from_bs, to)  # the failed refresh restored every permission
             raise
         for _ in moved:
             bdrv_unref(from_bs)
@@ -939,20 +1029,42 @@ def bdrv_replace_node(from_bs: BlockDriverState, to: BlockDriverState) -> None:
 
 
 def bdrv_append(bs_new: BlockDriverState, bs_top: BlockDriverState) -> None:
-    """Put ``bs_new`` above ``bs_top``: ``bs_top`` becomes its backing (or file for filters), then takes its place."""
-    use_file = bs_new.drv is not None and bs_new.drv.is_filter and not getattr(
-        bs_new.drv, "filtered_child_is_backing", False)
-    if use_file:
-        bdrv_ref(bs_top)
-        child = bdrv_attach_child(bs_new, bs_top, "file", child_of_bds, child_format)
+    """Put ``bs_new`` above ``bs_top``: ``bs_top`` becomes its backing (or file for file filters), then takes its place.
+
+    Both steps form one change whose permissions are checked once, at the end (QEMU 6.0+): a
+    filter that could not sit beside ``bs_top`` may still go above it.  All or nothing.
+    """
+    drv = bs_new.drv
+    if drv is not None and drv.is_filter and not drv.filtered_child_is_backing:
+        name, role, existing = "file", child_format, bs_new.file
     else:
-        bdrv_set_backing_hd(bs_new, bs_top)
-        child = bs_new.backing
+        name, role, existing = "backing", bdrv_backing_role(bs_new), bs_new.backing
+    if existing is not None:
+        raise RuntimeError(f"bdrv_append: {bs_new.node_name} already has a {name} child")
+    bdrv_ref(bs_top)  # for the new edge
+    bdrv_drained_begin(bs_top)
     try:
-        bdrv_replace_node(bs_top, bs_new)
+        child = bdrv_attach_child_noperm(bs_new, bs_top, name, child_of_bds, role)
+        try:
+            moved = bdrv_replace_node_noperm(bs_top, bs_new)
+            try:
+                bdrv_list_refresh_perms([bs_new, bs_top])
+            except Error:
+                bdrv_replace_node_undo(moved, bs_top, bs_new)  # the failed refresh restored every permission
+                raise
+        except Error:
+            bdrv_detach_child_noperm(bs_new, child)
+            raise
+        for _ in moved:
+            bdrv_unref(bs_top)
     except Error:
-        bdrv_unref_child(bs_new, child)
+        bdrv_unref(bs_top)
         raise
+    finally:
+        bdrv_drained_end(bs_top)
+    if name == "backing":
+        bs_new.backing_file = bs_top.filename
+        bs_new.backing_format = bs_top.drv.format_name if bs_top.drv else ""
     bdrv_refresh_limits(bs_new)
 
 
@@ -1204,17 +1316,11 @@ def bdrv_open_inherit(filename: str | None, reference: str | None, options: dict
     file_bs = None
     try:
         if not flags & BDRV_O_PROTOCOL:
-            # A format (or filter) over something: open the protocol child first, for probing.
-            file_opts = qdict_extract_subqdict(options, "file.")
-            file_ref = options.get("file")
-            if file_opts or file_ref is not None or filename:
-                bs.options = options
-                if isinstance(file_ref, str):
-                    file_bs = bdrv_open_inherit(None, file_ref, {}, 0, bs, child_file)
-                else:
-                    if file_ref is not None:
-                        options.pop("file")
-                    file_bs = bdrv_open_inherit(filename, None, file_opts, 0, bs, child_file)
+            # A format (or filter) over something: open the protocol child first, for probing;
+            # the driver's own bdrv_open_child then finds it by node name.
+            bs.options = options
+            file_bs = bdrv_open_child_bs(filename, options, "file", bs, child_file, True)
+            if file_bs is not None:
                 options["file"] = file_bs.node_name
             if drv is None:
                 if file_bs is None:

@@ -23,6 +23,7 @@ are after ``qdict_flatten``.  :func:`keyval_parse` reads the
 from __future__ import annotations
 
 import enum
+import errno
 import json
 from typing import Any, Iterable
 
@@ -44,6 +45,7 @@ QEMU_OPT_BOOL = "bool"
 QEMU_OPT_NUMBER = "number"
 QEMU_OPT_SIZE = "size"
 
+UINT64_MAX = (1 << 64) - 1
 _SIZE_HINT = ("Optional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\n"
               "and exabytes, respectively.")
 
@@ -92,9 +94,12 @@ def parse_option_number(name: str, value: Any) -> int:
     if isinstance(value, int):
         if value < 0:
             # A QDict int is taken as the uint64 it would be in C.
-            return value & ((1 << 64) - 1)
-        return value
-    ret, n = qemu_strtou64(str(value), 0)
+            return value & UINT64_MAX
+        ret, n = (-errno.ERANGE, 0) if value > UINT64_MAX else (0, value)
+    else:
+        ret, n = qemu_strtou64(str(value), 0)
+    if ret == -errno.ERANGE:
+        raise Error(f"Value '{value}' is too large for parameter '{name}'")
     if ret < 0:
         raise Error(f"Parameter '{name}' expects a number")
     return n
@@ -104,10 +109,11 @@ def parse_option_size(name: str, value: Any) -> int:
     if isinstance(value, bool):
         raise Error(f"Parameter '{name}' expects a non-negative number below 2^64", hint=_SIZE_HINT)
     if isinstance(value, int):
-        if value < 0:
-            raise Error(f"Parameter '{name}' expects a non-negative number below 2^64", hint=_SIZE_HINT)
-        return value
-    ret, n = qemu_strtosz(str(value))
+        ret, n = (-errno.EINVAL, 0) if value < 0 else (-errno.ERANGE, 0) if value > UINT64_MAX else (0, value)
+    else:
+        ret, n = qemu_strtosz(str(value))
+    if ret == -errno.ERANGE:
+        raise Error(f"Value '{value}' is out of range for parameter '{name}'")
     if ret < 0:
         raise Error(f"Parameter '{name}' expects a non-negative number below 2^64", hint=_SIZE_HINT)
     return n
