@@ -82,6 +82,7 @@ class _NullCommon(BlockDriver):
         s.latency_ns = latency
         s.read_zeroes = opts.get(NULL_OPT_ZEROES, False)
         bs.supported_write_flags = BDRV_REQ_FUA
+        bs.filename = bs.exact_filename = f"{self.protocol_name}://"  # what null_refresh_filename gives
         return 0
 
     def bdrv_getlength(self, bs) -> int:

@@ -270,6 +270,7 @@ class BlockDriver:
 
     # Metadata and limits
     bdrv_getlength = None             # (bs) -> int
+    bdrv_is_inserted = None           # (bs) -> bool (removable media; None: inserted when the children are)
     bdrv_get_allocated_file_size = None
     bdrv_get_info = None              # (bs, bdi) -> int
     bdrv_refresh_limits = None        # (bs) -> None; raise Error on failure

@@ -478,12 +478,17 @@ def bdrv_is_writable(bs: BlockDriverState) -> bool:
 
 def bdrv_is_inserted(bs: BlockDriverState | None) -> bool:
     """True when the node and every child have a driver (a medium)."""
-    if bs is None or bs.drv is None:
+    if bs is None:
         return False
-    hook = getattr(bs.drv, "bdrv_is_inserted", None)
-    if hook is not None:
-        return hook(bs)
-    return all(bdrv_is_inserted(c.bs) for c in bs.children)
+    drv = bs.drv
+    if drv is None:
+        return False
+    if drv.bdrv_is_inserted is not None:
+        return drv.bdrv_is_inserted(bs)
+    for c in bs.children:
+        if not bdrv_is_inserted(c.bs):
+            return False
+    return True
 
 
 def bdrv_is_sg(bs: BlockDriverState) -> bool:
@@ -518,6 +523,9 @@ def bdrv_nb_sectors(bs: BlockDriverState) -> int:
 
 def bdrv_getlength(bs: BlockDriverState) -> int:
     """The node's size in bytes (a whole number of sectors), or a negative errno."""
+    drv = bs.drv
+    if drv is not None and not drv.has_variable_length:
+        return bs.total_sectors * BDRV_SECTOR_SIZE  # the common case, without bdrv_nb_sectors' call
     ret = bdrv_nb_sectors(bs)
     return ret if ret < 0 else ret * BDRV_SECTOR_SIZE
 

@@ -31,6 +31,7 @@ greenlets, so a stale reference to a finished coroutine fails cleanly.
 from __future__ import annotations
 
 import functools
+import inspect
 import itertools
 import os
 import threading
@@ -296,27 +297,54 @@ def qemu_coroutine_yield() -> None:
     to.gr.switch(_YIELD)
 
 
+def _not_in_coroutine(name: str) -> CoroutineError:
+    return CoroutineError(f"coroutine_fn {name}() called outside coroutine context")
+
+
 def coroutine_fn(fn: Callable) -> Callable:
     """Mark a function that may only run inside a coroutine (QEMU's ``coroutine_fn``).
 
     With COROUTINE_CHECKS on (the default) the function raises CoroutineError
-    at once when called outside a coroutine.
+    at once when called outside a coroutine.  The check is a generated
+    wrapper with the function's own signature, so it costs one frame and one
+    attribute test, not argument packing.
     """
     fn.coroutine_fn = True
     if not COROUTINE_CHECKS:
         return fn
-    name = fn.__qualname__
-
-    @functools.wraps(fn)
-    def checked(*args, **kwargs):
-        try:
-            in_co = greenlet.getcurrent().co.caller is not None
-        except AttributeError:
-            in_co = False
-        if not in_co:
-            raise CoroutineError(f"coroutine_fn {name}() called outside coroutine context")
-        return fn(*args, **kwargs)
-
+    sig = inspect.signature(fn)
+    params, call, ns = [], [], {"_fn": fn, "_getcurrent": greenlet.getcurrent, "_tls": _tls,
+                                "_fail": _not_in_coroutine, "_name": fn.__qualname__}
+    star_done = False
+    for i, p in enumerate(sig.parameters.values()):
+        text = p.name
+        if p.default is not inspect.Parameter.empty:
+            ns[f"_d{i}"] = p.default
+            text += f"=_d{i}"
+        if p.kind is p.VAR_POSITIONAL:
+            text, star_done = "*" + p.name, True
+            call.append(text)
+        elif p.kind is p.VAR_KEYWORD:
+            text = "**" + p.name
+            call.append(text)
+        elif p.kind is p.KEYWORD_ONLY:
+            if not star_done:
+                params.append("*")
+                star_done = True
+            call.append(f"{p.name}={p.name}")
+        else:
+            call.append(p.name)
+        params.append(text)
+    src = (f"def checked({', '.join(params)}):\n"
+           f"    try:\n"
+           f"        co = _getcurrent().co\n"
+           f"    except AttributeError:\n"
+           f"        co = _tls.leader\n"
+           f"    if co.caller is None:\n"
+           f"        raise _fail(_name)\n"
+           f"    return _fn({', '.join(call)})\n")
+    exec(compile(src, f"<coroutine_fn {fn.__qualname__}>", "exec"), ns)
+    checked = functools.wraps(fn)(ns["checked"])
     checked.coroutine_fn = True
     return checked
 
