@@ -1682,6 +1682,47 @@ def bdrv_set_aio_context(bs: BlockDriverState, ctx: AioContext) -> None:
 
 
 # --------------------------------------------------------------------------
+# x-debug-query-block-graph (block.c: bdrv_get_xdbg_block_graph)
+
+_PERM_QAPI = [(BLK_PERM_CONSISTENT_READ, "consistent-read"), (BLK_PERM_WRITE, "write"),
+              (BLK_PERM_WRITE_UNCHANGED, "write-unchanged"), (BLK_PERM_RESIZE, "resize"),
+              (BLK_PERM_GRAPH_MOD, "graph-mod")]
+
+
+def bdrv_perm_list(perm: int) -> list[str]:
+    """Permission bits as QAPI's BlockPermission names."""
+    return [name for bit, name in _PERM_QAPI if perm & bit]
+
+
+def bdrv_get_xdbg_block_graph() -> dict:
+    """The whole graph as x-debug-query-block-graph returns it: block-backend and block-driver nodes, edges."""
+    from qblock.block.block_backend import block_backends
+    ids: dict[int, int] = {}
+    nodes: list[dict] = []
+    edges: list[dict] = []
+
+    def node_id(obj: Any, type_: str, name: str) -> int:
+        if id(obj) not in ids:
+            ids[id(obj)] = len(ids) + 1
+            nodes.append({"id": ids[id(obj)], "type": type_, "name": name})
+        return ids[id(obj)]
+
+    for blk in block_backends:
+        pid = node_id(blk, "block-backend", blk.name or "")
+        if blk.root is not None:
+            cid = node_id(blk.root.bs, "block-driver", blk.root.bs.node_name)
+            edges.append({"parent": pid, "child": cid, "name": blk.root.name,
+                          "perm": bdrv_perm_list(blk.root.perm), "shared-perm": bdrv_perm_list(blk.root.shared_perm)})
+    for bs in all_bdrv_states:
+        pid = node_id(bs, "block-driver", bs.node_name)
+        for c in reversed(bs.children):
+            cid = node_id(c.bs, "block-driver", c.bs.node_name)
+            edges.append({"parent": pid, "child": cid, "name": c.name,
+                          "perm": bdrv_perm_list(c.perm), "shared-perm": bdrv_perm_list(c.shared_perm)})
+    return {"nodes": nodes, "edges": edges}
+
+
+# --------------------------------------------------------------------------
 # Iteration for tools
 
 

@@ -30,7 +30,7 @@ from qblock.util.aio import AioContext, aio_bh_new, aio_co_wake, qemu_bh_schedul
 from qblock.util.coroutine import coroutine_fn, qemu_coroutine_self, qemu_coroutine_yield
 
 __all__ = ["ThreadPool", "ThreadPoolElement", "aio_get_thread_pool", "thread_pool_submit_aio",
-           "thread_pool_submit_co", "thread_pool_submit", "thread_pool_cancel",
+           "thread_pool_submit_co", "thread_pool_submit", "thread_pool_cancel", "thread_pool_set_inline",
            "THREAD_QUEUED", "THREAD_ACTIVE", "THREAD_DONE"]
 
 THREAD_QUEUED = 0
@@ -109,14 +109,7 @@ class ThreadPool:
                 req.state = THREAD_ACTIVE
                 self.lock.release()
                 try:
-                    ret = req.func(req.arg)
-                    if not isinstance(ret, int):
-                        raise TypeError(f"thread pool function {req.func!r} returned {ret!r}, not an int")
-                except OSError as e:
-                    ret = -(e.errno or errno.EIO)
-                except BaseException as e:  # noqa: BLE001 - re-raised in the completion BH
-                    req.exc = e
-                    ret = -errno.EIO
+                    ret = _run_job(req)
                 finally:
                     self.lock.acquire()
                 req.ret = ret
@@ -128,6 +121,13 @@ class ThreadPool:
     # -- completion, in the pool's context ------------------------------
 
     def _completion_bh(self, opaque: Any) -> None:
+        if thread_pool_inline:
+            # Deterministic mode: run what was queued here, in submission order.
+            while self.request_list:
+                req = self.request_list.popleft()
+                req.state = THREAD_ACTIVE
+                req.ret = _run_job(req)
+                req.state = THREAD_DONE
         while True:
             with self.lock:
                 elem = next((e for e in self.head if e.state == THREAD_DONE), None)
@@ -152,6 +152,30 @@ class ThreadPool:
 
 _aio_idle_lock = threading.Lock()
 
+# Deterministic mode (qblock trace on the virtual clock): jobs run in the pool's
+# completion BH, in submission order, instead of on worker threads.  The
+# coroutine still yields and is woken from the BH, so the walk keeps its shape.
+thread_pool_inline = False
+
+
+def thread_pool_set_inline(on: bool) -> None:
+    global thread_pool_inline
+    thread_pool_inline = bool(on)
+
+
+def _run_job(req: ThreadPoolElement) -> int:
+    """Run one job: OSError becomes -errno; any other exception is kept for the completion BH."""
+    try:
+        ret = req.func(req.arg)
+        if not isinstance(ret, int):
+            raise TypeError(f"thread pool function {req.func!r} returned {ret!r}, not an int")
+    except OSError as e:
+        ret = -(e.errno or errno.EIO)
+    except BaseException as e:  # noqa: BLE001 - re-raised in the completion BH
+        req.exc = e
+        ret = -errno.EIO
+    return ret
+
 
 def aio_get_thread_pool(ctx: AioContext) -> ThreadPool:
     """The context's pool, created on first use."""
@@ -171,6 +195,9 @@ def thread_pool_submit_aio(ctx: AioContext | None, func: Callable[[Any], int], a
     with pool.lock:
         pool.head.append(req)
         pool.request_list.append(req)
+        if thread_pool_inline:
+            qemu_bh_schedule(pool.completion_bh)
+            return req
         if pool.idle_threads == 0 and pool.cur_threads < pool.max_threads:
             pool._spawn()
         pool.request_cond.notify()
