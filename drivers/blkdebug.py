@@ -30,17 +30,13 @@ import sys
 import attrs
 
 from qblock.block.driver import (
-    BDRV_REQ_FUA,
-    BDRV_REQ_MAY_UNMAP,
-    BDRV_REQ_NO_FALLBACK,
-    BDRV_REQ_WRITE_UNCHANGED,
     BDRV_SECTOR_SIZE,
     INT_MAX,
     BlkdebugEvent,
     BlockDriver,
     bdrv_register,
 )
-from qblock.block.graph import bdrv_get_info, bdrv_getlength, bdrv_open_child, child_format
+from qblock.block.graph import bdrv_get_info, bdrv_getlength, bdrv_open_child, bdrv_pass_supported_flags, child_format
 from qblock.block.io import (
     bdrv_co_block_status_from_file,
     bdrv_co_flush,
@@ -263,9 +259,7 @@ class BlkdebugDriver(BlockDriver):
         s.state = 1
         bdrv_open_child(opts.get("x-image"), options, "image", bs, child_role=child_format)
         fbs = bs.file.bs
-        bs.supported_write_flags = BDRV_REQ_WRITE_UNCHANGED | (BDRV_REQ_FUA & fbs.supported_write_flags)
-        bs.supported_zero_flags = BDRV_REQ_WRITE_UNCHANGED | (
-            (BDRV_REQ_FUA | BDRV_REQ_MAY_UNMAP | BDRV_REQ_NO_FALLBACK) & fbs.supported_zero_flags)
+        bdrv_pass_supported_flags(bs)
         s.align = opts.get("align", 0)
         if s.align and (s.align >= INT_MAX or not is_power_of_2(s.align)):
             raise Error(f"Cannot meet constraints with align {s.align}", errno=errno.EINVAL)

@@ -19,17 +19,13 @@ import attrs
 from qblock.block.driver import (
     BDRV_BLOCK_OFFSET_VALID,
     BDRV_BLOCK_RAW,
-    BDRV_REQ_FUA,
-    BDRV_REQ_MAY_UNMAP,
-    BDRV_REQ_NO_FALLBACK,
-    BDRV_REQ_WRITE_UNCHANGED,
     BDRV_SECTOR_SIZE,
     BlkdebugEvent,
     BlockDriver,
     bdrv_drivers,
     bdrv_register,
 )
-from qblock.block.graph import bdrv_get_info, bdrv_getlength, bdrv_is_read_only, bdrv_open_child, child_format
+from qblock.block.graph import bdrv_pass_supported_flags, bdrv_get_info, bdrv_getlength, bdrv_is_read_only, bdrv_open_child, child_format
 from qblock.block.io import (
     BLKDBG_EVENT,
     bdrv_co_pdiscard,
@@ -88,9 +84,7 @@ class RawDriver(BlockDriver):
         bdrv_open_child(None, options, "file", bs, child_role=child_format)
         fbs = bs.file.bs
         bs.sg = fbs.sg
-        bs.supported_write_flags = BDRV_REQ_WRITE_UNCHANGED | (BDRV_REQ_FUA & fbs.supported_write_flags)
-        bs.supported_zero_flags = BDRV_REQ_WRITE_UNCHANGED | (
-            (BDRV_REQ_FUA | BDRV_REQ_MAY_UNMAP | BDRV_REQ_NO_FALLBACK) & fbs.supported_zero_flags)
+        bdrv_pass_supported_flags(bs)
         if bs.probed and not bdrv_is_read_only(bs):
             import sys
             sys.stderr.write(

@@ -50,6 +50,10 @@ import attrs
 
 from qblock.block import driver as _drv
 from qblock.block.driver import (
+    BDRV_REQ_FUA,
+    BDRV_REQ_MAY_UNMAP,
+    BDRV_REQ_NO_FALLBACK,
+    BDRV_REQ_WRITE_UNCHANGED,
     BDRV_O_AUTO_RDONLY,
     BDRV_O_COPY_ON_READ,
     BDRV_O_INACTIVE,
@@ -600,6 +604,19 @@ def bdrv_refresh_limits(bs: BlockDriverState) -> None:
 
 # --------------------------------------------------------------------------
 # Permissions
+
+
+def bdrv_pass_supported_flags(bs: BlockDriverState) -> None:
+    """Let a node that forwards requests to ``bs.file`` accept the flags its child accepts.
+
+    FUA (and for write-zeroes MAY_UNMAP and NO_FALLBACK) pass down only if
+    the child supports them; WRITE_UNCHANGED always, as raw, blkdebug and
+    QEMU's other pass-through nodes set in their open functions.
+    """
+    fbs = bs.file.bs
+    bs.supported_write_flags = BDRV_REQ_WRITE_UNCHANGED | (BDRV_REQ_FUA & fbs.supported_write_flags)
+    bs.supported_zero_flags = BDRV_REQ_WRITE_UNCHANGED | (
+        (BDRV_REQ_FUA | BDRV_REQ_MAY_UNMAP | BDRV_REQ_NO_FALLBACK) & fbs.supported_zero_flags)
 
 
 def bdrv_filter_default_perms(bs, c, role, reopen_queue, perm: int, shared: int) -> tuple[int, int]:
@@ -1659,7 +1676,7 @@ def bdrv_try_set_aio_context(bs: BlockDriverState, ctx: AioContext) -> None:
             if not c.klass.parent_is_bds:
                 can = getattr(c.klass, "can_set_aio_ctx", None)
                 if can is not None and not can(c, ctx):
-                    raise Error(f"Cannot change iothread of active block backend")
+                    raise Error("Cannot change iothread of active block backend")
     for n in nodes:
         bdrv_drained_begin(n)
     try:
