@@ -70,6 +70,51 @@ class BDRVCopyBeforeWriteState:
     in_flight: dict = attrs.field(factory=dict)       # cluster -> CoQueue of writes waiting for its copy
 
 
+# -- the copy -----------------------------------------------------------------
+
+def cbw_copy_cluster(bs, cluster: int) -> int:
+    """Copy one cluster's current data from the file child to the target (block-copy's job)."""
+    s: BDRVCopyBeforeWriteState = bs.opaque
+    cs = s.cluster_size
+    offset = cluster * cs
+    n = min(cs, bdrv_getlength(bs.file.bs) - offset)
+    if n <= 0:
+        return 0
+    if trace_cbw_copy_cluster.event.enabled:
+        trace_cbw_copy_cluster(bs, offset, n)
+    buf = bytearray(n)
+    qiov = QEMUIOVector([memoryview(buf)], -1)
+    ret = bdrv_co_preadv(bs.file, offset, n, qiov, 0)
+    if ret < 0:
+        return ret
+    return bdrv_co_pwritev(s.target, offset, n, qiov, 0)
+
+
+def cbw_do_copy_before_write(bs, offset: int, bytes: int) -> int:
+    """Copy the old data of every cluster of [offset, offset+bytes) not copied yet."""
+    s: BDRVCopyBeforeWriteState = bs.opaque
+    if not bytes:
+        return 0
+    cs = s.cluster_size
+    for cluster in range(offset // cs, (offset + bytes + cs - 1) // cs):
+        while cluster in s.in_flight:
+            if trace_cbw_wait_cluster.event.enabled:
+                trace_cbw_wait_cluster(bs, cluster)
+            qemu_co_queue_wait(s.in_flight[cluster])
+        if cluster in s.copied:
+            continue
+        s.in_flight[cluster] = CoQueue(f"cbw cluster {cluster}")
+        try:
+            ret = cbw_copy_cluster(bs, cluster)
+            if ret == 0:
+                s.copied.add(cluster)
+        finally:
+            qemu_co_queue_restart_all(s.in_flight.pop(cluster))
+        if ret < 0:
+            return ret
+    return 0
+
+
 class CopyBeforeWriteDriver(BlockDriver):
     format_name = "copy-before-write"
     state_class = BDRVCopyBeforeWriteState
@@ -103,63 +148,21 @@ class CopyBeforeWriteDriver(BlockDriver):
     def bdrv_getlength(self, bs) -> int:
         return bdrv_getlength(bs.file.bs)
 
-    # -- the copy ------------------------------------------------------------
-
-    def _copy_cluster(self, bs, cluster: int) -> int:
-        s: BDRVCopyBeforeWriteState = bs.opaque
-        cs = s.cluster_size
-        offset = cluster * cs
-        n = min(cs, bdrv_getlength(bs.file.bs) - offset)
-        if n <= 0:
-            return 0
-        if trace_cbw_copy_cluster.event.enabled:
-            trace_cbw_copy_cluster(bs, offset, n)
-        buf = bytearray(n)
-        qiov = QEMUIOVector([memoryview(buf)], -1)
-        ret = bdrv_co_preadv(bs.file, offset, n, qiov, 0)
-        if ret < 0:
-            return ret
-        return bdrv_co_pwritev(s.target, offset, n, qiov, 0)
-
-    def cbw_do_copy_before_write(self, bs, offset: int, bytes: int) -> int:
-        """Copy the old data of every cluster of [offset, offset+bytes) not copied yet."""
-        s: BDRVCopyBeforeWriteState = bs.opaque
-        if not bytes:
-            return 0
-        cs = s.cluster_size
-        for cluster in range(offset // cs, (offset + bytes + cs - 1) // cs):
-            while cluster in s.in_flight:
-                if trace_cbw_wait_cluster.event.enabled:
-                    trace_cbw_wait_cluster(bs, cluster)
-                qemu_co_queue_wait(s.in_flight[cluster])
-            if cluster in s.copied:
-                continue
-            s.in_flight[cluster] = CoQueue(f"cbw cluster {cluster}")
-            try:
-                ret = self._copy_cluster(bs, cluster)
-                if ret == 0:
-                    s.copied.add(cluster)
-            finally:
-                qemu_co_queue_restart_all(s.in_flight.pop(cluster))
-            if ret < 0:
-                return ret
-        return 0
-
     # -- I/O --------------------------------------------------------------------
 
     def bdrv_co_preadv(self, bs, offset: int, bytes: int, qiov, flags: int) -> int:
         return bdrv_co_preadv(bs.file, offset, bytes, qiov, flags)
 
     def bdrv_co_pwritev(self, bs, offset: int, bytes: int, qiov, flags: int) -> int:
-        ret = self.cbw_do_copy_before_write(bs, offset, bytes)
+        ret = cbw_do_copy_before_write(bs, offset, bytes)
         return ret if ret < 0 else bdrv_co_pwritev(bs.file, offset, bytes, qiov, flags)
 
     def bdrv_co_pwrite_zeroes(self, bs, offset: int, bytes: int, flags: int) -> int:
-        ret = self.cbw_do_copy_before_write(bs, offset, bytes)
+        ret = cbw_do_copy_before_write(bs, offset, bytes)
         return ret if ret < 0 else bdrv_co_pwrite_zeroes(bs.file, offset, bytes, flags)
 
     def bdrv_co_pdiscard(self, bs, offset: int, bytes: int) -> int:
-        ret = self.cbw_do_copy_before_write(bs, offset, bytes)
+        ret = cbw_do_copy_before_write(bs, offset, bytes)
         return ret if ret < 0 else bdrv_co_pdiscard(bs.file, offset, bytes)
 
     def bdrv_co_flush(self, bs) -> int:

@@ -17,9 +17,11 @@ not aligned go through an aligned bounce buffer.
 Options: ``filename`` (required), ``aio`` (``threads``; ``native`` is
 accepted with cache.direct=on and runs on threads too), ``locking``
 (``auto``/``on``/``off``; qblock takes no image locks — a difference from
-QEMU, which takes OFD locks), ``x-check-cache-dropped``/``drop-cache``
-(accepted, ignored).  Creation (``bdrv_co_create_opts``): ``size`` (rounded
-up to 512), ``preallocation`` (off/falloc/full), ``nocow``.
+QEMU, which takes OFD locks); ``x-check-cache-dropped``, ``drop-cache``,
+``aio-max-batch`` and ``pr-manager`` are accepted and ignored.  Creation
+(``bdrv_co_create_opts``): ``size`` (rounded up to 512), ``preallocation``
+(off/falloc/full); ``nocow`` and ``extent_size_hint`` are accepted and
+ignored.
 """
 from __future__ import annotations
 

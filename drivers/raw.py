@@ -68,6 +68,7 @@ def bdrv_probe_all(buf: bytes, filename: str | None) -> BlockDriver | None:
 
 class RawDriver(BlockDriver):
     format_name = "raw"
+    is_format = True
     state_class = BDRVRawState
     runtime_opts = raw_runtime_opts
     has_variable_length = True

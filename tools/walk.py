@@ -37,7 +37,7 @@ from qblock.trace import control as _trace
 from qblock.util.aio import qemu_get_current_aio_context
 from qblock.util.coroutine import Coroutine, request_id_get
 from qblock.util.qapi_event import qapi_event_add_listener, qapi_event_remove_listener
-from qblock.util.timer import QEMU_CLOCK_REALTIME, QEMU_CLOCK_VIRTUAL, qemu_clock_get_ns
+from qblock.util.timer import QEMU_CLOCK_VIRTUAL, qemu_clock_get_ns
 
 # Which Python functions are stages, and the QEMU source file each module mirrors.
 STAGE_MODULES: list[tuple[str, str, list[str]]] = [
@@ -80,6 +80,10 @@ DRIVER_MODULES: list[tuple[str, str, str]] = [
     ("qblock.drivers.file_posix", "block/file-posix.c", "raw_"),
     ("qblock.drivers.throttle", "block/throttle.c", "throttle_"),
     ("qblock.drivers.blkdebug", "block/blkdebug.c", "blkdebug_"),
+    ("qblock.drivers.blkverify", "block/blkverify.c", "blkverify_"),
+    ("qblock.drivers.copy_before_write", "block/copy-before-write.c", "cbw_"),
+    ("qblock.drivers.copy_on_read", "block/copy-on-read.c", "cor_"),
+    ("qblock.drivers.log", "drivers/log.py", "log_"),
     ("qblock.drivers.qcow2.qcow2", "block/qcow2.c", "qcow2_"),
 ]
 # Module-level functions of these driver modules are stages too (qcow2's allocation steps).
@@ -87,6 +91,7 @@ DRIVER_FUNCTION_MODULES: list[tuple[str, str]] = [
     ("qblock.drivers.qcow2.qcow2_cluster", "block/qcow2-cluster.c"),
     ("qblock.drivers.qcow2.qcow2_refcount", "block/qcow2-refcount.c"),
     ("qblock.drivers.qcow2.qcow2_cache", "block/qcow2-cache.c"),
+    ("qblock.drivers.copy_before_write", "block/copy-before-write.c"),
 ]
 
 EVENT_KINDS = {"aio_bh_call": "bh", "timer_fire": "timer", "virtio_notify": "irq", "virtio_notify_irqfd": "irq"}

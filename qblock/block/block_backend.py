@@ -48,8 +48,10 @@ from qblock.block.driver import (
 from qblock.block.graph import (
     BLK_PERM_ALL,
     BLK_PERM_CONSISTENT_READ,
+    BLK_PERM_GRAPH_MOD,
     BLK_PERM_RESIZE,
     BLK_PERM_WRITE,
+    BLK_PERM_WRITE_UNCHANGED,
     BdrvChild,
     BdrvChildClass,
     BlockDriverState,
@@ -131,7 +133,8 @@ __all__ = [
     "blk_set_disable_request_queuing", "blk_set_allow_aio_context_change", "child_root", "blk_get_geometry",
     # include/block/block.h as devices see it through block-backend.h
     "BDRV_SECTOR_BITS", "BDRV_SECTOR_SIZE", "BDRV_REQUEST_MAX_SECTORS", "BDRV_REQ_FUA", "BDRV_REQ_MAY_UNMAP",
-    "BLK_PERM_ALL", "BLK_PERM_CONSISTENT_READ", "BLK_PERM_WRITE", "BLK_PERM_RESIZE",
+    "BLK_PERM_ALL", "BLK_PERM_CONSISTENT_READ", "BLK_PERM_WRITE", "BLK_PERM_RESIZE", "BLK_PERM_WRITE_UNCHANGED",
+    "BLK_PERM_GRAPH_MOD",
 ]
 
 

@@ -23,8 +23,9 @@ from __future__ import annotations
 import enum
 import importlib
 import pkgutil
+import sys
 import threading
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import attrs
 
@@ -221,11 +222,12 @@ class BlockDriver:
     runtime_opts: ClassVar[QemuOptsList | None] = None
     create_opts: ClassVar[QemuOptsList | None] = None
     is_filter: ClassVar[bool] = False
+    is_format: ClassVar[bool] = False             # an image format (raw, qcow2): its children are never probed
     filtered_child_is_backing: ClassVar[bool] = False   # a filter whose filtered child is "backing", not "file"
     supports_backing: ClassVar[bool] = False
     bdrv_needs_filename: ClassVar[bool] = False
     has_variable_length: ClassVar[bool] = False
-    # strong_runtime_opts, is_format etc. exist in QEMU; qblock does not need them yet.
+    # strong_runtime_opts etc. exist in QEMU; qblock does not need them yet.
 
     # Opening and closing
     bdrv_probe = None                 # (buf, buf_size, filename) -> score
@@ -339,11 +341,22 @@ def _load_builtin_drivers() -> None:
         if _loaded:
             return
         _loaded = True
-        # Discovered by name, not imported statically: the core knows no driver.
+        # Discovered by name, not imported statically: the core knows no driver.  One module that
+        # fails to import must not hide the others: each is loaded on its own, and a failure is
+        # reported once on stderr (its drivers are then unknown, with the usual error).
         pkg = importlib.import_module(BUILTIN_DRIVERS_PACKAGE)
         for info in pkgutil.iter_modules(pkg.__path__):
-            importlib.import_module(f"{BUILTIN_DRIVERS_PACKAGE}.{info.name}")
+            _load_driver_module(f"{BUILTIN_DRIVERS_PACKAGE}.{info.name}",
+                                lambda name=info.name: importlib.import_module(f"{BUILTIN_DRIVERS_PACKAGE}.{name}"))
         _load_entry_points()
+
+
+def _load_driver_module(what: str, load: Callable[[], Any]) -> Any:
+    try:
+        return load()
+    except Exception as e:  # noqa: BLE001 - reported, and the other drivers still load
+        sys.stderr.write(f"qblock: could not load block driver {what}: {type(e).__name__}: {e}\n")
+        return None
 
 
 def _load_entry_points() -> None:
@@ -353,7 +366,7 @@ def _load_entry_points() -> None:
     except TypeError:  # pragma: no cover - Python < 3.10
         eps = metadata.entry_points().get("qblock.drivers", [])
     for ep in eps:
-        obj = ep.load()
+        obj = _load_driver_module(f"{ep.name} ({ep.value})", ep.load)
         if isinstance(obj, type) and issubclass(obj, BlockDriver):
             bdrv_register(obj)
         elif isinstance(obj, BlockDriver):

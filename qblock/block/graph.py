@@ -280,6 +280,7 @@ class BlockDriverState:
     refcnt: int = 1
     aio_context: AioContext | None = None
     copy_on_read: int = 0
+    force_share: bool = False
     detect_zeroes: BlockdevDetectZeroesOptions = BlockdevDetectZeroesOptions.BLOCKDEV_DETECT_ZEROES_OPTIONS_OFF
     before_write_notifiers: NotifierWithReturnList = attrs.field(factory=NotifierWithReturnList)
     write_threshold_offset: int = 0
@@ -657,11 +658,18 @@ def bdrv_child_user_desc(c: BdrvChild) -> str:
     return c.klass.get_parent_desc(c)
 
 
-def _bdrv_child_perm(bs: BlockDriverState, c: BdrvChild, perm: int, shared: int) -> tuple[int, int]:
+def bdrv_child_perm(bs: BlockDriverState, child_bs: BlockDriverState | None, c: BdrvChild | None, role: int,
+                    perm: int, shared: int) -> tuple[int, int]:
+    """What ``bs`` needs from (and shares on) a child, given what its own parents use and share."""
     hook = bs.drv.bdrv_child_perm if bs.drv is not None else None
-    if hook is not None:
-        return hook(bs, c, c.role, None, perm, shared)
-    return bdrv_default_perms(bs, c, c.role, None, perm, shared)
+    nperm, nshared = (hook or bdrv_default_perms)(bs, c, role, None, perm, shared)
+    if child_bs is not None and child_bs.force_share:
+        nshared = BLK_PERM_ALL        # force-share=on: other writers are accepted on that node
+    return nperm, nshared
+
+
+def _bdrv_child_perm(bs: BlockDriverState, c: BdrvChild, perm: int, shared: int) -> tuple[int, int]:
+    return bdrv_child_perm(bs, c.bs, c, c.role, perm, shared)
 
 
 def bdrv_get_cumulative_perm(bs: BlockDriverState) -> tuple[int, int]:
@@ -863,8 +871,7 @@ def bdrv_attach_child_noperm(parent_bs: BlockDriverState, child_bs: BlockDriverS
         bdrv_try_set_aio_context(child_bs, bdrv_get_aio_context(parent_bs))
     cum_perm, cum_shared = bdrv_get_cumulative_perm(parent_bs)
     child = BdrvChild(None, child_name, child_class, child_role, parent_bs)
-    hook = parent_bs.drv.bdrv_child_perm if parent_bs.drv is not None else None
-    perm, shared = (hook or bdrv_default_perms)(parent_bs, None, child_role, None, cum_perm, cum_shared)
+    perm, shared = bdrv_child_perm(parent_bs, child_bs, None, child_role, cum_perm, cum_shared)
     child.perm, child.shared_perm = perm, shared
     bdrv_replace_child_noperm(child, child_bs)
     parent_bs.children.insert(0, child)
@@ -1171,8 +1178,18 @@ def _copy_default(child_opts: dict, parent_opts: dict, key: str) -> None:
 
 def bdrv_inherited_options(role: int, parent_is_format: bool, parent_flags: int,
                            parent_options: dict, child_options: dict) -> int:
-    """The flags and default options a child inherits from its parent (block.c: bdrv_inherited_options)."""
+    """The flags and default options a child inherits from its parent (block.c: bdrv_inherited_options).
+
+    Whether the child is probed for a format: a plain data child of a node that is not a
+    format (blkverify's ``test``) is; every non-backing child of a format, and every metadata
+    child, is not (BDRV_O_PROTOCOL); any other child keeps its parent's choice, so a filter's
+    child is opened the way the filter was.
+    """
     flags = parent_flags
+    if not parent_is_format and role & BDRV_CHILD_DATA and not role & (BDRV_CHILD_METADATA | BDRV_CHILD_FILTERED):
+        flags &= ~BDRV_O_PROTOCOL
+    if (parent_is_format and not role & BDRV_CHILD_COW) or role & BDRV_CHILD_METADATA:
+        flags |= BDRV_O_PROTOCOL
     for key in (BDRV_OPT_CACHE_DIRECT, BDRV_OPT_CACHE_NO_FLUSH, BDRV_OPT_FORCE_SHARE):
         _copy_default(child_options, parent_options, key)
     if role & BDRV_CHILD_COW:
@@ -1185,11 +1202,11 @@ def bdrv_inherited_options(role: int, parent_is_format: bool, parent_flags: int,
     if parent_is_format and role & (BDRV_CHILD_DATA | BDRV_CHILD_METADATA):
         # Formats send flushes and respect the unmap policy themselves.
         child_options.setdefault(BDRV_OPT_DISCARD, "unmap")
-        flags |= BDRV_O_PROTOCOL
     else:
         _copy_default(child_options, parent_options, BDRV_OPT_DISCARD)
-        flags &= ~BDRV_O_PROTOCOL
-    flags &= ~(BDRV_O_SNAPSHOT | BDRV_O_NO_BACKING | BDRV_O_COPY_ON_READ | BDRV_O_NO_IO)
+    flags &= ~(BDRV_O_SNAPSHOT | BDRV_O_NO_BACKING | BDRV_O_COPY_ON_READ)
+    if role & BDRV_CHILD_METADATA:
+        flags &= ~BDRV_O_NO_IO
     return flags
 
 
@@ -1271,6 +1288,9 @@ def bdrv_open_common(bs: BlockDriverState, file_bs: BlockDriverState | None, opt
         raise Error(f"The '{drv.format_name}' block driver requires a file name", errno=errno.EINVAL)
     if trace_bdrv_open_common.event.enabled:
         trace_bdrv_open_common(bs, filename or "", bs.open_flags, drv.format_name)
+    bs.force_share = bool(opts.get(BDRV_OPT_FORCE_SHARE, False))
+    if bs.force_share and bs.open_flags & BDRV_O_RDWR:
+        raise Error("force-share=on can only be used with read-only images", errno=errno.EINVAL)
     ro = not (bs.open_flags & BDRV_O_RDWR)
     if bs.open_flags & BDRV_O_COPY_ON_READ:
         if ro:
@@ -1298,7 +1318,8 @@ def bdrv_open_inherit(filename: str | None, reference: str | None, options: dict
         bdrv_ref(bs)
         return bs
     if parent is not None:
-        parent_is_format = parent.drv is None or not parent.drv.is_filter
+        # A parent without a driver yet is being probed: it will be a format.
+        parent_is_format = parent.drv is None or parent.drv.is_format
         flags = bdrv_inherited_options(child_role, parent_is_format, parent.open_flags, parent.options, options)
     if filename and filename.startswith("json:"):
         json_options = parse_json_filename(filename)

@@ -638,6 +638,8 @@ def bdrv_aligned_preadv(child: BdrvChild, req: BdrvTrackedRequest, offset: int, 
         if not ret or pnum != bytes:
             ret = bdrv_co_do_copy_on_readv(child, offset, bytes, qiov, qiov_offset, flags)
             return ret if ret < 0 else 0
+        if flags & BDRV_REQ_PREFETCH:
+            return 0  # allocated already: a prefetch (NBD_CMD_CACHE, qiov None) has nothing to do
     total_bytes = bdrv_getlength(bs)
     if total_bytes < 0:
         return total_bytes
@@ -871,11 +873,45 @@ def bdrv_co_pwritev(child: BdrvChild, offset: int, bytes: int, qiov: QEMUIOVecto
     return bdrv_co_pwritev_part(child, offset, bytes, qiov, 0, flags)
 
 
+# Byte-buffer forms (include/block/block-io.h: bdrv_co_pread/bdrv_co_pwrite; block/io.c:
+# bdrv_co_pwrite_sync).  ``buf`` is a bytes-like object (writable for reads); 0 or -errno.
+
+
+@coroutine_fn
+def bdrv_co_pread(child: BdrvChild, offset: int, bytes: int, buf, flags: int = 0) -> int:
+    """Read ``bytes`` at ``offset`` into ``buf``."""
+    view = memoryview(buf).cast("B")[:bytes]
+    return bdrv_co_preadv(child, offset, bytes, QEMUIOVector([view], -1), flags)
+
+
+@coroutine_fn
+def bdrv_co_pwrite(child: BdrvChild, offset: int, bytes: int, buf, flags: int = 0) -> int:
+    """Write ``bytes`` of ``buf`` at ``offset``."""
+    view = memoryview(buf).cast("B")[:bytes]
+    return bdrv_co_pwritev(child, offset, bytes, QEMUIOVector([view], -1), flags)
+
+
+@coroutine_fn
+def bdrv_co_pwrite_sync(child: BdrvChild, offset: int, bytes: int, buf, flags: int = 0) -> int:
+    """Write, then flush the child's node: no later write can reach the disk before this one."""
+    ret = bdrv_co_pwrite(child, offset, bytes, buf, flags)
+    if ret < 0:
+        return ret
+    ret = bdrv_co_flush(child.bs)
+    return ret if ret < 0 else 0
+
+
 def bdrv_co_do_pwrite_zeroes(bs: BlockDriverState, offset: int, bytes: int, flags: int) -> int:
-    """Zero a range: the driver's write-zeroes in aligned chunks, else a zeroed bounce buffer."""
+    """Zero a range: the driver's write-zeroes in aligned chunks, else a zeroed bounce buffer.
+
+    MAY_UNMAP counts only on a node opened with discard=unmap.  QEMU 4.x checked that in
+    bdrv_co_pwrite_zeroes, which blk_co_pwrite_zeroes bypasses; later QEMU checks it here.
+    """
     drv = bs.drv
     if drv is None:
         return -errno.ENOMEDIUM
+    if not bs.open_flags & BDRV_O_UNMAP:
+        flags &= ~BDRV_REQ_MAY_UNMAP
     if (flags & ~bs.supported_zero_flags) & BDRV_REQ_NO_FALLBACK:
         return -errno.ENOTSUP
     max_write_zeroes = MIN_NON_ZERO(bs.bl.max_pwrite_zeroes, INT_MAX)
@@ -932,11 +968,9 @@ def bdrv_co_do_pwrite_zeroes(bs: BlockDriverState, offset: int, bytes: int, flag
 
 @coroutine_fn
 def bdrv_co_pwrite_zeroes(child: BdrvChild, offset: int, bytes: int, flags: int = 0) -> int:
-    """Zero ``bytes`` at ``offset``; MAY_UNMAP only counts when the node was opened with discard=unmap."""
+    """Zero ``bytes`` at ``offset`` (MAY_UNMAP is dropped in bdrv_co_do_pwrite_zeroes unless discard=unmap)."""
     if trace_bdrv_co_pwrite_zeroes.event.enabled:
         trace_bdrv_co_pwrite_zeroes(child.bs, offset, bytes, flags)
-    if not child.bs.open_flags & BDRV_O_UNMAP:
-        flags &= ~BDRV_REQ_MAY_UNMAP
     return bdrv_co_pwritev(child, offset, bytes, None, BDRV_REQ_ZERO_WRITE | flags)
 
 

@@ -16,9 +16,11 @@ import attrs
 
 from qblock.block.block_backend import (
     BDRV_SECTOR_SIZE,
-    BLK_PERM_ALL,
     BLK_PERM_CONSISTENT_READ,
+    BLK_PERM_GRAPH_MOD,
+    BLK_PERM_RESIZE,
     BLK_PERM_WRITE,
+    BLK_PERM_WRITE_UNCHANGED,
     BlockBackend,
     BlockdevOnError,
     blk_attach_dev,
@@ -209,8 +211,9 @@ def blkconf_apply_backend_options(conf: BlockConf, readonly: bool, resizable: bo
     perm = BLK_PERM_CONSISTENT_READ
     if not readonly:
         perm |= BLK_PERM_WRITE
-    # QEMU shares CONSISTENT_READ | WRITE_UNCHANGED | GRAPH_MOD (| RESIZE | WRITE): all but WRITE here
-    shared_perm = BLK_PERM_ALL & ~BLK_PERM_WRITE
+    shared_perm = BLK_PERM_CONSISTENT_READ | BLK_PERM_WRITE_UNCHANGED | BLK_PERM_GRAPH_MOD
+    if resizable:
+        shared_perm |= BLK_PERM_RESIZE
     if conf.share_rw:
         shared_perm |= BLK_PERM_WRITE
     blk_set_perm(blk, perm, shared_perm)

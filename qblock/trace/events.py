@@ -43,7 +43,6 @@ aio_poll(void *ctx, int blocking, int progress) "ctx %p blocking %d progress %d"
 
 # block.c
 bdrv_open_common(void *bs, const char *filename, int flags, const char *format_name) "bs %p filename \"%s\" flags 0x%x format_name \"%s\""
-bdrv_lock_medium(void *bs, int locked) "bs %p lock %d"
 
 # qblock: block.c events QEMU has no trace point for
 bdrv_unref_close(void *bs) "bs %p"

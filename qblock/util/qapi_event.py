@@ -8,8 +8,9 @@ Each event carries a host timestamp as QMP events do.
 """
 from __future__ import annotations
 
-import time
 from typing import Any, Callable
+
+from qblock.util.timer import QEMU_CLOCK_HOST, qemu_clock_get_ns
 
 __all__ = ["qapi_event_send", "qapi_event_add_listener", "qapi_event_remove_listener"]
 
@@ -28,7 +29,7 @@ def qapi_event_remove_listener(fn: Callable[[str, dict[str, Any], dict[str, int]
 
 def qapi_event_send(name: str, data: dict[str, Any]) -> None:
     """Emit event ``name`` with ``data`` to every listener."""
-    ns = time.time_ns()
+    ns = qemu_clock_get_ns(QEMU_CLOCK_HOST)     # wall-clock time, as QMP timestamps are
     stamp = {"seconds": ns // 1_000_000_000, "microseconds": ns % 1_000_000_000 // 1000}
     for fn in list(_listeners):
         fn(name, data, stamp)

@@ -28,7 +28,7 @@ from qblock.block.driver import (
     bdrv_find_format,
     bdrv_unregister,
 )
-from qblock.block.graph import bdrv_find_node, bdrv_getlength, bdrv_open, bdrv_ref, bdrv_unref
+from qblock.block.graph import BLK_PERM_ALL, bdrv_find_node, bdrv_getlength, bdrv_open, bdrv_ref, bdrv_unref
 from qblock.util.error import Error
 from qblock.util.qemu_option import keyval_parse, qdict_crumple, qdict_extract_subqdict, qdict_flatten
 
@@ -310,6 +310,21 @@ def test_entry_point_drivers(ep_dist):
         bdrv_unref(bs)
 
 
+def test_a_broken_driver_module_does_not_hide_the_others(ep_dist, tmp_path, capsys):
+    """A driver package that fails to import is reported once on stderr; the drivers after it still load."""
+    info = tmp_path / "qblock_test_ep_drivers-1.0.dist-info"
+    (info / "entry_points.txt").write_text(
+        "[qblock.drivers]\n"
+        "aa-broken = qblock_no_such_module_here\n"
+        f"ep-class = {EP_MODULE}:EpClassDriver\n")
+    importlib.invalidate_caches()
+    _driver._load_entry_points()
+    assert "qblock: could not load block driver aa-broken (qblock_no_such_module_here): ModuleNotFoundError" \
+        in capsys.readouterr().err
+    assert bdrv_find_format("ep-class").format_name == "ep-class"
+    assert bdrv_find_format("raw").format_name == "raw"
+
+
 def test_registry_finds_builtin_drivers():
     """bdrv_find_format knows the built-in drivers by name, and nothing by an unknown name."""
     for name in ("null-co", "null-aio", "raw", "file"):
@@ -362,3 +377,14 @@ def test_qdict_flatten_and_crumple():
     assert sub == {"driver": "null-co", "size": 4096} and flat == {"driver": "raw"}
     with pytest.raises(Error, match="^Cannot mix scalar and non-scalar keys"):
         qdict_crumple({"file": "x", "file.driver": "null-co"})
+
+
+def test_force_share_needs_read_only_and_shares_everything():
+    """force-share=on is refused on a read-write node; on a read-only one, writers elsewhere are accepted."""
+    with pytest.raises(Error, match="force-share=on can only be used with read-only images"):
+        bdrv_open(None, None, {"driver": "null-co", "force-share": "on"}, BDRV_O_RDWR)
+    bs = bdrv_open(None, None, {"driver": "raw", "force-share": "on", "read-only": "on",
+                                "file": {"driver": "null-co", "node-name": "fs-file"}}, 0)
+    assert bs.force_share and bs.file.bs.force_share
+    assert bs.file.shared_perm == BLK_PERM_ALL
+    bdrv_unref(bs)

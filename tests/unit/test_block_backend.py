@@ -88,7 +88,9 @@ from qblock.block.driver import (
     BDRV_O_NO_IO,
     BDRV_O_RDWR,
     BDRV_O_RESIZE,
+    BDRV_O_UNMAP,
     BDRV_REQ_FUA,
+    BDRV_REQ_MAY_UNMAP,
     INT_MAX,
     IOV_MAX,
     NOT_DONE,
@@ -1358,4 +1360,16 @@ def test_drain_all_with_blockbackend_in_iothread(iothread):
     blk_drain_all()
     assert seen == [0]
     blk_set_aio_context(blk, qemu_get_aio_context())
+    blk_unref(blk)
+
+
+@pytest.mark.parametrize("unmap", [False, True])
+def test_write_zeroes_may_unmap_needs_discard_unmap(unmap):
+    """MAY_UNMAP from blk_pwrite_zeroes reaches the driver only on a node opened with discard=unmap."""
+    flags = BDRV_O_RDWR | (BDRV_O_UNMAP if unmap else 0)
+    blk = blk_new_open(None, None, memdrv_options("co", write_zeroes=True, size=1 << 20), flags)
+    assert blk_pwrite_zeroes(blk, 0, 4096, BDRV_REQ_MAY_UNMAP) == 0
+    (op, off, nbytes, got), = blk_bs(blk).opaque.calls
+    assert (op, off, nbytes) == ("write_zeroes", 0, 4096)
+    assert bool(got & BDRV_REQ_MAY_UNMAP) == unmap
     blk_unref(blk)

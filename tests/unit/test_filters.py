@@ -249,3 +249,44 @@ def test_log_bad_logfile_is_a_clear_error(tmp_path):
          "file": memdrv_options("co", size=MiB)}
     with pytest.raises(Error, match="Could not open log file"):
         blk_new_open(None, None, o, BDRV_O_RDWR)
+
+
+# --------------------------------------------------------------------------
+# copy-on-read
+
+def test_copy_on_read_populates_the_top_image_from_its_backing_file(tmp_path):
+    """Reads through copy-on-read copy what came from the backing file into the top qcow2 image, once."""
+    from qblock.block.create import bdrv_create
+    from qblock.block.driver import bdrv_find_format
+    from qblock.block.io import bdrv_is_allocated
+
+    base, top = tmp_path / "base.raw", tmp_path / "top.qcow2"
+    base.write_bytes(bytes(range(256)) * (MiB // 256))
+    bdrv_create(bdrv_find_format("qcow2"), str(top),
+                {"size": MiB, "backing_file": str(base), "backing_fmt": "raw", "cluster_size": 65536})
+    o = {"driver": "copy-on-read", "node-name": "cor",
+         "file": {"driver": "qcow2", "node-name": "top", "file.driver": "file", "file.filename": str(top)}}
+    blk = blk_new_open(None, None, o, BDRV_O_RDWR)
+    topbs = blk_bs(blk).file.bs
+    assert bdrv_is_allocated(topbs, 0, CLUSTER) == (0, CLUSTER)
+    buf = bytearray(1000)
+    assert blk_pread(blk, 70000, buf) == 1000
+    assert bytes(buf) == base.read_bytes()[70000:71000]
+    # The whole cluster the read touched is in the top image now; the others are still not.
+    assert bdrv_is_allocated(topbs, CLUSTER, CLUSTER) == (1, CLUSTER)
+    assert bdrv_is_allocated(topbs, 0, CLUSTER)[0] == 0
+    # Overwrite the base: the top image keeps the copy, so the data read earlier does not change.
+    with open(base, "r+b") as f:
+        f.write(b"\xff" * MiB)
+    assert blk_pread(blk, CLUSTER, buf) == 1000
+    assert bytes(buf) == (bytes(range(256)) * 4)[:1000]
+    blk_unref(blk)
+    # Without the filter, a plain read of another cluster copies nothing.
+    blk = blk_new_open(None, None, {"driver": "qcow2", "file.driver": "file", "file.filename": str(top)},
+                       BDRV_O_RDWR)
+    assert blk_pread(blk, 3 * CLUSTER, buf) == 1000 and bytes(buf) == b"\xff" * 1000
+    assert bdrv_is_allocated(blk_bs(blk), 3 * CLUSTER, CLUSTER)[0] == 0
+    blk_unref(blk)
+    if shutil.which("qemu-img"):
+        r = subprocess.run(["qemu-img", "check", str(top)], capture_output=True, text=True)
+        assert r.returncode == 0 and "No errors were found on the image." in r.stdout, r.stdout + r.stderr

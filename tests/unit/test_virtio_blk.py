@@ -56,7 +56,13 @@ from qblock.qom.object import object_unparent, qdev_device_add
 from qblock.testing.memdrv import MemDriverBase, MemState, memdrv_options
 from qblock.trace.control import trace_add_sink, trace_disable_all, trace_enable_events, trace_remove_sink
 from qblock.util import runstate
-from qblock.util.aio import AIO_WAIT_WHILE, iothread_create, iothread_destroy, qemu_get_aio_context
+from qblock.util.aio import (
+    AIO_WAIT_WHILE,
+    aio_wait_bh_oneshot,
+    iothread_create,
+    iothread_destroy,
+    qemu_get_aio_context,
+)
 from qblock.util.error import Error
 from qblock.util.qapi_event import qapi_event_add_listener, qapi_event_remove_listener
 from qblock.util.runstate import RunState, runstate_get, runstate_is_running, vm_start
@@ -698,6 +704,9 @@ def test_broken_layouts_break_the_device_until_reset(rigs, mode, build, message)
     g.kick()
     with pytest.raises(GuestError, match="needs a reset"):
         g.poll_until(lambda: False)
+    # With an IOThread the guest can see NEEDS_RESET while virtio_error is still running there
+    # (it sets broken last, as QEMU does): let the device's context finish its turn first.
+    aio_wait_bh_oneshot(blk_get_aio_context(r.blk), lambda _: None, None)
     assert r.dev.broken and r.dev.broken_reason == message
     AIO_WAIT_WHILE(blk_get_aio_context(r.blk), lambda: r.blk.in_flight > 0)
     assert driver_io(r, "write") == [(0, 4096)]
