@@ -100,6 +100,7 @@ from qblock.block.graph import (
     bdrv_get_full_backing_filename,
     bdrv_getlength,
     bdrv_open,
+    bdrv_primary_bs,
     bdrv_skip_filters,
     bdrv_unref,
     path_has_protocol,
@@ -120,7 +121,6 @@ from qblock.util.qemu_option import (
 from qblock.tools import qemu_tool_util as util
 from qblock.tools.qemu_io import (
     bdrv_image_info_specific_dump,
-    bdrv_primary_bs,
     check_force_share,
     tool_bdrv_get_info,
 )

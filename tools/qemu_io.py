@@ -87,8 +87,13 @@ from qblock.block.graph import (
     BLK_PERM_WRITE,
     BLK_PERM_WRITE_UNCHANGED,
     BlockDriverState,
+    bdrv_debug_breakpoint,
+    bdrv_debug_is_suspended,
+    bdrv_debug_remove_breakpoint,
+    bdrv_debug_resume,
     bdrv_drain_all,
     bdrv_open,
+    bdrv_primary_bs,
     bdrv_unref,
 )
 from qblock.util.aio import aio_poll, qemu_get_aio_context
@@ -109,46 +114,6 @@ MISALIGN_OFFSET = 16
 
 # --------------------------------------------------------------------------
 # Block-layer helpers that qemu-io reaches through block.c
-
-
-def bdrv_primary_bs(bs: BlockDriverState | None) -> BlockDriverState | None:
-    """The node's primary child: ``file`` (formats, most filters) or a backing filter's ``backing``."""
-    if bs is None:
-        return None
-    if bs.drv is not None and bs.drv.is_filter and bs.drv.filtered_child_is_backing:
-        return bs.backing.bs if bs.backing is not None else None
-    if bs.file is not None:
-        return bs.file.bs
-    return None
-
-
-def _debug_hook_bs(bs: BlockDriverState | None, hook: str) -> BlockDriverState | None:
-    while bs is not None and bs.drv is not None and getattr(bs.drv, hook, None) is None:
-        bs = bdrv_primary_bs(bs)
-    if bs is not None and bs.drv is not None and getattr(bs.drv, hook, None) is not None:
-        return bs
-    return None
-
-
-def bdrv_debug_breakpoint(bs: BlockDriverState, event: str, tag: str) -> int:
-    """block.c: the first node of the primary chain with the hook sets the breakpoint, else -ENOTSUP."""
-    n = _debug_hook_bs(bs, "bdrv_debug_breakpoint")
-    return n.drv.bdrv_debug_breakpoint(n, event, tag) if n is not None else -errno.ENOTSUP
-
-
-def bdrv_debug_remove_breakpoint(bs: BlockDriverState, tag: str) -> int:
-    n = _debug_hook_bs(bs, "bdrv_debug_remove_breakpoint")
-    return n.drv.bdrv_debug_remove_breakpoint(n, tag) if n is not None else -errno.ENOTSUP
-
-
-def bdrv_debug_resume(bs: BlockDriverState, tag: str) -> int:
-    n = _debug_hook_bs(bs, "bdrv_debug_resume")
-    return n.drv.bdrv_debug_resume(n, tag) if n is not None else -errno.ENOTSUP
-
-
-def bdrv_debug_is_suspended(bs: BlockDriverState, tag: str) -> bool:
-    n = _debug_hook_bs(bs, "bdrv_debug_is_suspended")
-    return bool(n.drv.bdrv_debug_is_suspended(n, tag)) if n is not None else False
 
 
 def _vmstate(bs: BlockDriverState, qiov: QEMUIOVector, pos: int, is_read: bool) -> int:

@@ -927,6 +927,51 @@ def bdrv_unref_child(parent: BlockDriverState, child: BdrvChild | None) -> None:
     bdrv_root_unref_child(child)
 
 
+def bdrv_primary_child(bs: BlockDriverState | None) -> BdrvChild | None:
+    """The child with the PRIMARY role: ``file`` for formats and most filters, ``backing`` for backing filters."""
+    if bs is None:
+        return None
+    for c in bs.children:
+        if c.role & BDRV_CHILD_PRIMARY:
+            return c
+    return None
+
+
+def bdrv_primary_bs(bs: BlockDriverState | None) -> BlockDriverState | None:
+    c = bdrv_primary_child(bs)
+    return c.bs if c is not None else None
+
+
+def _bdrv_debug_hook_bs(bs: BlockDriverState | None, hook: str) -> BlockDriverState | None:
+    """The first node down the primary chain whose driver has ``hook`` (blkdebug, usually)."""
+    while bs is not None and bs.drv is not None and getattr(bs.drv, hook, None) is None:
+        bs = bdrv_primary_bs(bs)
+    if bs is not None and bs.drv is not None and getattr(bs.drv, hook, None) is not None:
+        return bs
+    return None
+
+
+def bdrv_debug_breakpoint(bs: BlockDriverState, event: str, tag: str) -> int:
+    """Suspend requests at ``event`` under ``tag`` (qemu-io's ``break``); -ENOTSUP with no blkdebug below."""
+    n = _bdrv_debug_hook_bs(bs, "bdrv_debug_breakpoint")
+    return n.drv.bdrv_debug_breakpoint(n, event, tag) if n is not None else -errno.ENOTSUP
+
+
+def bdrv_debug_remove_breakpoint(bs: BlockDriverState, tag: str) -> int:
+    n = _bdrv_debug_hook_bs(bs, "bdrv_debug_remove_breakpoint")
+    return n.drv.bdrv_debug_remove_breakpoint(n, tag) if n is not None else -errno.ENOTSUP
+
+
+def bdrv_debug_resume(bs: BlockDriverState, tag: str) -> int:
+    n = _bdrv_debug_hook_bs(bs, "bdrv_debug_resume")
+    return n.drv.bdrv_debug_resume(n, tag) if n is not None else -errno.ENOTSUP
+
+
+def bdrv_debug_is_suspended(bs: BlockDriverState, tag: str) -> bool:
+    n = _bdrv_debug_hook_bs(bs, "bdrv_debug_is_suspended")
+    return bool(n.drv.bdrv_debug_is_suspended(n, tag)) if n is not None else False
+
+
 def bdrv_filter_bs(bs: BlockDriverState | None) -> BlockDriverState | None:
     """The node a filter filters (its file, or its backing for backing filters), else None."""
     if bs is None or bs.drv is None or not bs.drv.is_filter:
