@@ -10,9 +10,10 @@ BH semantics are QEMU's (the 5.0+ flag scheme): scheduling a BH twice before
 it runs runs it once; a BH scheduled while BHs run goes to the next
 ``aio_bh_poll``; cancel keeps it queued but skips it; delete frees it without
 running it; one-shot BHs free themselves after running; idle BHs run but do
-not count as progress.  Within one poll qblock runs ready BHs in the order
-they were scheduled (QEMU's modern list happens to pop newest first; no QEMU
-test depends on that order).  A context may instead shuffle each batch of BHs
+not count as progress.  Within one poll the ready BHs run newest first, as
+in QEMU: aio_bh_enqueue pushes onto the head of the list and aio_bh_poll
+pops from the head (in the seed's 3.x the list was walked from its newest BH
+too).  A context may instead shuffle each batch of BHs
 and scheduled coroutines with a seeded RNG (:func:`aio_context_set_shuffle`),
 so stress tests explore other legal interleavings and replay any failure.
 
@@ -261,7 +262,9 @@ def aio_context_destroy(ctx: AioContext) -> None:
 
 
 def aio_context_set_shuffle(ctx: AioContext, seed: int | None) -> None:
-    """Run each batch of ready BHs and scheduled coroutines in an order drawn from ``seed`` (None: FIFO)."""
+    """Run each batch of ready BHs and scheduled coroutines in an order drawn from ``seed``.
+
+    None restores QEMU's order: BHs newest first, scheduled coroutines oldest first."""
     ctx.rng = random.Random(seed) if seed is not None else None
 
 
@@ -328,7 +331,7 @@ def _aio_bh_enqueue(bh: QEMUBH, new_flags: int) -> None:
         old = bh.flags
         bh.flags = old | BH_PENDING | new_flags
         if not old & BH_PENDING:
-            ctx.bh_list.append(bh)
+            ctx.bh_list.appendleft(bh)   # at the head, as QEMU: aio_bh_poll runs the newest first
     if new_flags & BH_SCHEDULED:
         if _trace.trace_active:
             bh.request_id = request_id_get()

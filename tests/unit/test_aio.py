@@ -542,14 +542,15 @@ def test_coroutine_worker_thread_co_enter(ctx):
 # qblock: BH order and shuffling
 
 
-def test_bh_run_order_fifo(ctx):
-    """Without shuffling, BHs scheduled before a poll run in the order they were scheduled."""
+def test_bh_run_order_newest_first(ctx):
+    """Without shuffling, BHs scheduled before a poll run newest first, as QEMU's aio_bh_poll takes
+    them from the head of the list aio_bh_enqueue pushes onto."""
     order = []
     bhs = [aio_bh_new(ctx, order.append, i) for i in range(6)]
     for i in (3, 0, 5, 1, 4, 2):
         qemu_bh_schedule(bhs[i])
     assert aio_poll(ctx, False)
-    assert order == [3, 0, 5, 1, 4, 2]
+    assert order == [2, 4, 1, 5, 0, 3]
     for bh in bhs:
         qemu_bh_delete(bh)
 
@@ -565,14 +566,14 @@ def _shuffled_bh_order(ctx, seed, count=8):
 
 
 def test_bh_shuffle_replay(private_ctx):
-    """A shuffle seed replays the same BH order; some seed gives an order other than FIFO."""
+    """A shuffle seed replays the same BH order; some seed gives an order other than QEMU's (newest first)."""
     ctx = private_ctx
-    fifo = list(range(8))
+    newest_first = list(range(7, -1, -1))
     first = _shuffled_bh_order(ctx, 1234)
-    assert sorted(first) == fifo
+    assert sorted(first) == sorted(newest_first)
     assert _shuffled_bh_order(ctx, 1234) == first
-    assert any(_shuffled_bh_order(ctx, seed) != fifo for seed in range(20))
-    assert _shuffled_bh_order(ctx, None) == fifo
+    assert any(_shuffled_bh_order(ctx, seed) != newest_first for seed in range(20))
+    assert _shuffled_bh_order(ctx, None) == newest_first
 
 
 def test_co_schedule_shuffle_replay(private_ctx):
