@@ -16,6 +16,10 @@ numbers mean something on any machine.  Suites:
 ``img``      ``qblock-img bench`` beside ``qemu-img bench`` with the same flags: null-co,
              a raw file and a qcow2 image (when qblock has a qcow2 driver), 4 KiB writes
              and reads at queue depth 64.
+``qcow2``    the qcow2 driver in-process beside ``qemu-img bench`` on a twin image: 256 MiB
+             of 1 MiB sequential writes into a new image and reads of them (target within
+             1.5x of QEMU), 4 KiB writes at queue depth 32 allocating and overwriting one
+             cluster in 16 over 1 GiB.
 """
 from __future__ import annotations
 
@@ -369,6 +373,176 @@ def bench_img(n: int) -> list[str]:
 
 
 SUITES["img"] = bench_img
+
+
+# --------------------------------------------------------------------------
+# qcow2 (issue 8): the driver's own speed, in-process, beside qemu-img bench on the same kind of image
+
+
+def _qcow2_qd_run(blk, offsets: list[int], size: int, depth: int, write: bool) -> float:
+    """Seconds for one request of ``size`` bytes at each of ``offsets``, ``depth`` in flight."""
+    from qblock.block.block_backend import blk_aio_preadv, blk_aio_pwritev, blk_get_aio_context
+    from qblock.util.aio import aio_poll
+    from qblock.util.iov import QEMUIOVector
+
+    ctx = blk_get_aio_context(blk)
+    bufs = [bytearray(b"\xab" * size) for _ in range(depth)]
+    state = {"next": 0, "done": 0}
+
+    def issue(slot: int) -> None:
+        off = offsets[state["next"]]
+        state["next"] += 1
+        qiov = QEMUIOVector([memoryview(bufs[slot])], -1)
+        (blk_aio_pwritev if write else blk_aio_preadv)(blk, off, qiov, 0, done, slot)
+
+    def done(slot, ret):
+        if ret < 0:
+            raise RuntimeError(f"qcow2 bench request failed: {ret}")
+        state["done"] += 1
+        if state["next"] < len(offsets):
+            issue(slot)
+
+    t0 = time.perf_counter()
+    for slot in range(min(depth, len(offsets))):
+        issue(slot)
+    while state["done"] < len(offsets):
+        aio_poll(ctx, True)
+    return time.perf_counter() - t0
+
+
+def _qemu_img_bench_secs(args: list[str]) -> float | None:
+    if shutil.which("qemu-img") is None:
+        return None
+    r = subprocess.run(["qemu-img", "bench"] + args, capture_output=True, text=True)
+    m = re.search(r"Run completed in ([0-9.]+) seconds", r.stdout)
+    return float(m.group(1)) if r.returncode == 0 and m else None
+
+
+def _qemu_io_secs(path: str, cmd: str) -> float | None:
+    """The time qemu-io prints for one command ("... 1 ops; 00.21 sec (...)")."""
+    if shutil.which("qemu-io") is None:
+        return None
+    r = subprocess.run(["qemu-io", "-f", "qcow2", "-c", cmd, path], capture_output=True, text=True)
+    m = re.search(r"ops; ([0-9:.]+)[ (]", r.stdout)
+    if r.returncode or not m:
+        return None
+    secs = 0.0
+    for part in m.group(1).split(":"):
+        secs = secs * 60 + float(part)
+    return secs
+
+
+def bench_qcow2(n: int) -> list[str]:
+    """qcow2 over a file (64 KiB clusters, cache=writeback) beside qemu-img bench on a twin image.
+
+    Sequential: 256 MiB in 1 MiB requests at queue depth 1 into a new image (allocating), then read back —
+    the same pattern as ``qemu-img bench -w -s 1M -c 256 -d 1`` (and its read twin), whose own
+    "Run completed" time is the baseline; ``qemu-io -c 'write -P 0xab 0 256M'`` (one request) is shown
+    too.  4 KiB: one write per cluster over a 1 GiB image at queue depth 32 (offsets 64 KiB apart, so each
+    write allocates a cluster and copies the rest of it), then the same writes again over the allocated
+    clusters — ``qemu-img bench -w -d 32 -s 4k -S 64k``; and 4 KiB writes at random offsets over the
+    allocated image, qblock only.  Ratios are qblock's time over QEMU's (lower is better).
+    """
+    import random
+
+    from qblock.block.block_backend import blk_flush, blk_new_open, blk_unref
+    from qblock.block.create import bdrv_create
+    from qblock.block.driver import BDRV_O_RDWR, bdrv_find_format
+
+    drv = bdrv_find_format("qcow2")
+    if drv is None:
+        return ["qcow2: skipped (no qcow2 driver)"]
+    mib = 1 << 20
+    total = 256 * mib if n >= 200_000 else 64 * mib
+    count4k = 16384 if n >= 200_000 else 4096
+    rows = [f"{'qcow2 work':<56} {'qblock':>14} {'QEMU':>14}   ratio (time qblock/QEMU)"]
+
+    def row(name: str, ours: float, qemu: float | None, unit_bytes: int, target: str = "") -> None:
+        o = f"{unit_bytes / ours / mib:9.1f} MiB/s"
+        if qemu:
+            rows.append(f"{name:<56} {o:>14} {unit_bytes / qemu / mib:9.1f} MiB/s   {ours / qemu:5.2f}x {target}")
+        else:
+            rows.append(f"{name:<56} {o:>14} {'(no qemu-img)':>14}")
+
+    def iops_row(name: str, nreq: int, ours: float, qemu: float | None) -> None:
+        o = f"{nreq / ours:10,.0f} IOPS"
+        q = f"{nreq / qemu:10,.0f} IOPS" if qemu else "(no qemu-img)"
+        rows.append(f"{name:<56} {o:>14} {q:>14}   " + (f"{ours / qemu:5.2f}x" if qemu else ""))
+
+    with tempfile.TemporaryDirectory(prefix="qblock-bench-qcow2-") as d:
+        ours_img, qemu_img = os.path.join(d, "ours.qcow2"), os.path.join(d, "qemu.qcow2")
+        have_qemu = shutil.which("qemu-img") is not None
+
+        def fresh(size: int) -> None:
+            for p in (ours_img, qemu_img):
+                if os.path.exists(p):
+                    os.unlink(p)
+            bdrv_create(drv, ours_img, {"size": size})
+            if have_qemu:
+                subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", qemu_img, str(size)], check=True)
+
+        # Sequential 1 MiB requests, QD1, into a new image; then read back.  Best of three, alternating.
+        seq = list(range(0, total, mib))
+        w = r = qw = qr = float("inf")
+        for _ in range(3):
+            fresh(total)
+            blk = blk_new_open(ours_img, None, {"driver": "qcow2"}, BDRV_O_RDWR)
+            w = min(w, _qcow2_qd_run(blk, seq, mib, 1, True))
+            blk_flush(blk)
+            r = min(r, _qcow2_qd_run(blk, seq, mib, 1, False))
+            blk_unref(blk)
+            qw = min(qw, _qemu_img_bench_secs(["-w", "-f", "qcow2", "-s", "1M", "-c", str(len(seq)), "-d", "1",
+                                               qemu_img]) or float("inf"))
+            qr = min(qr, _qemu_img_bench_secs(["-f", "qcow2", "-s", "1M", "-c", str(len(seq)), "-d", "1",
+                                               qemu_img]) or float("inf"))
+        qw = None if qw == float("inf") else qw
+        qr = None if qr == float("inf") else qr
+        # The floor under qcow2: the same reads of a raw file, through qblock and through qemu-img.
+        raw = os.path.join(d, "floor.raw")
+        with open(raw, "wb") as f:
+            f.write(b"\xab" * total)
+        blk = blk_new_open(None, None, {"driver": "raw", "file.driver": "file", "file.filename": raw}, BDRV_O_RDWR)
+        rawr = min(_qcow2_qd_run(blk, seq, mib, 1, False) for _ in range(3))
+        blk_unref(blk)
+        qrawr = min((_qemu_img_bench_secs(["-f", "raw", "-s", "1M", "-c", str(len(seq)), "-d", "1", raw])
+                     or float("inf")) for _ in range(3)) if have_qemu else None
+        os.unlink(raw)
+        row(f"sequential 1 MiB writes, QD1, {total >> 20} MiB, new image", w, qw, total, "(target <= 1.5x)")
+        row(f"sequential 1 MiB reads, QD1, {total >> 20} MiB", r, qr, total, "(target <= 1.5x)")
+        row("  (the same reads of a raw file: the floor under qcow2)", rawr,
+            None if qrawr in (None, float("inf")) else qrawr, total)
+        if have_qemu:
+            fresh(total)
+            qio = _qemu_io_secs(qemu_img, f"write -P 0xab 0 {total >> 20}M")
+            if qio:
+                rows.append(f"{'  (qemu-io write -P 0xab 0 ' + str(total >> 20) + 'M, one request)':<56} "
+                            f"{'':>14} {total / qio / mib:9.1f} MiB/s")
+
+        # 4 KiB at QD32, one per cluster over 1 GiB: allocating, then overwriting; then random offsets.
+        size = 1 << 30
+        fresh(size)
+        blk = blk_new_open(ours_img, None, {"driver": "qcow2"}, BDRV_O_RDWR)
+        spread = [i * 65536 for i in range(count4k)]
+        a = _qcow2_qd_run(blk, spread, 4096, 32, True)
+        blk_flush(blk)
+        o = _qcow2_qd_run(blk, spread, 4096, 32, True)
+        blk_flush(blk)
+        rng = random.Random(1)
+        rand = [rng.randrange(0, count4k * 16) * 4096 for _ in range(count4k)]
+        rr = _qcow2_qd_run(blk, rand, 4096, 32, True)
+        blk_unref(blk)
+        args = ["-w", "-f", "qcow2", "-s", "4k", "-S", "64k", "-c", str(count4k), "-d", "32", qemu_img]
+        qa = _qemu_img_bench_secs(args)
+        qo = _qemu_img_bench_secs(args)
+        iops_row(f"4 KiB writes, QD32, {count4k} clusters of 1 GiB, allocating", count4k, a, qa)
+        iops_row("4 KiB writes, QD32, the same clusters again (overwrite)", count4k, o, qo)
+        iops_row("4 KiB writes, QD32, random offsets, allocated image", count4k, rr, None)
+        rows.append("(QEMU: qemu-img bench's own 'Run completed' time, so start-up is not counted; "
+                    "qblock: the same requests in this process)")
+    return rows
+
+
+SUITES["qcow2"] = bench_qcow2
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,7 +10,7 @@ module                    QEMU file
 ``qcow2_cluster_alloc``   block/qcow2-cluster.c: allocating writes, COW
 ``qcow2_refcount``        block/qcow2-refcount.c: refcounts, allocation
 ``qcow2_overlap``         block/qcow2-refcount.c: metadata overlap checks
-``qcow2_check``           block/qcow2-refcount.c: qcow2_check_refcounts
+``qcow2_check``           block/qcow2-refcount.c: qcow2_check_refcounts; check and repair
 ``qcow2_cache``           block/qcow2-cache.c
 ``qcow2_snapshot``        block/qcow2-snapshot.c (reading the table)
 ``qcow2_threads``         block/qcow2-threads.c (zlib)

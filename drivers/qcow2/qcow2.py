@@ -39,7 +39,10 @@ from qblock.block.graph import bdrv_get_aio_context, bdrv_getlength, bdrv_is_wri
 from qblock.block.io import (
     BLKDBG_EVENT,
     bdrv_co_block_status_above,
+    bdrv_co_pread,
     bdrv_co_preadv_part,
+    bdrv_co_pwrite,
+    bdrv_co_pwrite_sync,
     bdrv_co_pwritev_part,
     bdrv_co_truncate,
     run_co_in,
@@ -82,9 +85,6 @@ from .qcow2_h import (
     QCOW_HEADER,
     QCOW_MAGIC,
     QCowL2Meta,
-    bdrv_co_pread,
-    bdrv_co_pwrite,
-    bdrv_co_pwrite_sync,
     l2meta_cow_start,
     offset_into_cluster,
     qcow2_vm_state_offset,
@@ -94,7 +94,6 @@ from .qcow2_header import (
     qcow2_do_open,
     qcow2_is_broken,
     qcow2_mark_clean,
-    qcow2_mark_consistent,
     qcow2_runtime_opts,
 )
 from .qcow2_overlap import qcow2_pre_write_overlap_check
@@ -169,6 +168,7 @@ def is_zero(bs, offset: int, bytes: int) -> bool:
 
 class Qcow2Driver(BlockDriver):
     format_name = "qcow2"
+    is_format = True
     state_class = BDRVQcow2State
     runtime_opts = qcow2_runtime_opts
     create_opts = qcow2_create_opts
@@ -224,18 +224,12 @@ class Qcow2Driver(BlockDriver):
         return result
 
     def bdrv_co_check(self, bs, result, fix: int) -> int:
-        """Refcount consistency, repaired as ``fix`` allows (QEMU's qcow2_co_check, without the snapshot table
-        checks and the fragmentation statistics); a full repair also clears the dirty and corrupt bits."""
-        from .qcow2_check import qcow2_check_refcounts
+        """Check and repair as ``fix`` allows (QEMU's qcow2_co_check): see qcow2_check."""
+        from .qcow2_check import qcow2_co_check_locked
         s: BDRVQcow2State = bs.opaque
         qemu_co_mutex_lock(s.lock)
         try:
-            ret = qcow2_check_refcounts(bs, result, fix)
-            if ret >= 0 and fix and not result.check_errors and not result.corruptions:
-                ret = qcow2_mark_clean(bs)
-                if ret >= 0:
-                    ret = qcow2_mark_consistent(bs)
-            return ret
+            return qcow2_co_check_locked(bs, result, fix)
         finally:
             qemu_co_mutex_unlock(s.lock)
 

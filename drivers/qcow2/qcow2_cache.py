@@ -24,7 +24,7 @@ import errno
 import attrs
 
 from qblock.block.driver import BlkdebugEvent
-from qblock.block.io import BLKDBG_EVENT, bdrv_co_flush
+from qblock.block.io import BLKDBG_EVENT, bdrv_co_flush, bdrv_co_pread, bdrv_co_pwrite
 from qblock.trace.events import (
     trace_qcow2_cache_entry_flush,
     trace_qcow2_cache_flush,
@@ -38,8 +38,6 @@ from qblock.util.coroutine import qemu_coroutine_self
 from .qcow2_h import (
     QCOW2_OL_ACTIVE_L2,
     QCOW2_OL_REFCOUNT_BLOCK,
-    bdrv_co_pread,
-    bdrv_co_pwrite,
     qcow2_need_accurate_refcounts,
 )
 from .qcow2_overlap import qcow2_pre_write_overlap_check

@@ -21,7 +21,7 @@ import struct
 
 from qblock.block.driver import BDRV_REQ_MAY_UNMAP, BDRV_SECTOR_BITS, BlkdebugEvent
 from qblock.block.graph import bdrv_getlength
-from qblock.block.io import BLKDBG_EVENT
+from qblock.block.io import BLKDBG_EVENT, bdrv_co_pwrite_sync
 from qblock.trace.events import (
     trace_qcow2_l2_allocate,
     trace_qcow2_l2_allocate_done,
@@ -39,6 +39,7 @@ from .qcow2_cache import (
     qcow2_cache_put,
 )
 from .qcow2_h import (
+    c_hex,
     HDR_L1_SIZE_OFFSET,
     INT_MAX,
     L1E_OFFSET_MASK,
@@ -57,7 +58,6 @@ from .qcow2_h import (
     QCOW_OFLAG_COMPRESSED,
     QCOW_OFLAG_COPIED,
     QCOW_OFLAG_ZERO,
-    bdrv_co_pwrite_sync,
     l2_entry_get,
     l2_entry_set,
     offset_into_cluster,
@@ -161,8 +161,8 @@ def l2_load(bs, l2_offset: int, l1_index: int):
     if qcow2_cache_is_table_offset(s.l2_table_cache, l2_offset) is None:
         file_len = bdrv_getlength(bs.file.bs)
         if 0 <= file_len <= l2_offset:
-            return _corrupt(bs, f"L2 table offset {l2_offset:#x} beyond the end of the image file "
-                                f"(L1 index: {l1_index:#x})"), None
+            return _corrupt(bs, f"L2 table offset {c_hex(l2_offset)} beyond the end of the image file "
+                                f"(L1 index: {c_hex(l1_index)})"), None
     return qcow2_cache_get(bs, s.l2_table_cache, l2_offset)
 
 
@@ -253,7 +253,7 @@ def qcow2_get_cluster_offset(bs, offset: int, bytes: int) -> tuple[int, int, int
         ctype = QCOW2_CLUSTER_UNALLOCATED
     else:
         if offset_into_cluster(s, l2_offset):
-            return _corrupt(bs, f"L2 table offset {l2_offset:#x} unaligned (L1 index: {l1_index:#x})"), 0, 0
+            return _corrupt(bs, f"L2 table offset {c_hex(l2_offset)} unaligned (L1 index: {c_hex(l1_index)})"), 0, 0
         ret, l2_table = l2_load(bs, l2_offset, l1_index)
         if ret < 0:
             return ret, 0, 0
@@ -264,8 +264,8 @@ def qcow2_get_cluster_offset(bs, offset: int, bytes: int) -> tuple[int, int, int
         cluster_offset = entries[0]
         ctype = qcow2_get_cluster_type(cluster_offset)
         if s.qcow_version < 3 and ctype in (QCOW2_CLUSTER_ZERO_PLAIN, QCOW2_CLUSTER_ZERO_ALLOC):
-            return _corrupt(bs, f"Zero cluster entry found in pre-v3 image (L2 offset: {l2_offset:#x}, "
-                                f"L2 index: {l2_index:#x})"), 0, 0
+            return _corrupt(bs, f"Zero cluster entry found in pre-v3 image (L2 offset: {c_hex(l2_offset)}, "
+                                f"L2 index: {c_hex(l2_index)})"), 0, 0
         if ctype == QCOW2_CLUSTER_COMPRESSED:
             c = 1
             cluster_offset &= L2E_COMPRESSED_OFFSET_SIZE_MASK
@@ -276,8 +276,8 @@ def qcow2_get_cluster_offset(bs, offset: int, bytes: int) -> tuple[int, int, int
             c = count_contiguous_clusters(nb_clusters, s.cluster_size, entries, QCOW_OFLAG_ZERO)
             cluster_offset &= L2E_OFFSET_MASK
             if offset_into_cluster(s, cluster_offset):
-                return _corrupt(bs, f"Cluster allocation offset {cluster_offset:#x} unaligned "
-                                    f"(L2 offset: {l2_offset:#x}, L2 index: {l2_index:#x})"), 0, 0
+                return _corrupt(bs, f"Cluster allocation offset {c_hex(cluster_offset)} unaligned "
+                                    f"(L2 offset: {c_hex(l2_offset)}, L2 index: {c_hex(l2_index)})"), 0, 0
         bytes_available = c * s.cluster_size
     bytes_available = min(bytes_available, bytes_needed)
     return ctype, bytes_available - offset_in_cluster, cluster_offset
@@ -293,7 +293,7 @@ def get_cluster_table(bs, offset: int):
             return ret, None, 0
     l2_offset = s.l1_table[l1_index] & L1E_OFFSET_MASK
     if offset_into_cluster(s, l2_offset):
-        return _corrupt(bs, f"L2 table offset {l2_offset:#x} unaligned (L1 index: {l1_index:#x})"), None, 0
+        return _corrupt(bs, f"L2 table offset {c_hex(l2_offset)} unaligned (L1 index: {c_hex(l1_index)})"), None, 0
     if s.l1_table[l1_index] & QCOW_OFLAG_COPIED and l2_offset:   # (QEMU asserts on COPIED with offset 0)
         ret, table = l2_load(bs, l2_offset, l1_index)
     else:

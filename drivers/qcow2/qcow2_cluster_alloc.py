@@ -42,6 +42,7 @@ from .qcow2_cache import (
 )
 from .qcow2_cluster import _corrupt, _entries, count_contiguous_clusters, get_cluster_table
 from .qcow2_h import (
+    c_hex,
     INT_MAX,
     L2E_OFFSET_MASK,
     QCOW2_CLUSTER_NORMAL,
@@ -142,7 +143,6 @@ def perform_cow(bs, m: QCowL2Meta) -> int:
 
 def qcow2_alloc_cluster_link_l2(bs, m: QCowL2Meta) -> int:
     """After the guest data is written: COW, then point the L2 entries at the new clusters."""
-    from .qcow2_header import qcow2_mark_dirty
     s = bs.opaque
     if trace_qcow2_cluster_link_l2.event.enabled:
         trace_qcow2_cluster_link_l2(qemu_coroutine_self(), m.nb_clusters)
@@ -152,6 +152,7 @@ def qcow2_alloc_cluster_link_l2(bs, m: QCowL2Meta) -> int:
     if ret < 0:
         return ret
     if s.use_lazy_refcounts:
+        from .qcow2_header import qcow2_mark_dirty
         qcow2_mark_dirty(bs)
     if qcow2_need_accurate_refcounts(s):
         qcow2_cache_set_dependency(bs, s.l2_table_cache, s.refcount_block_cache)
@@ -234,7 +235,7 @@ def handle_copied(bs, guest_offset: int, host_offset: int, nbytes: int) -> tuple
         return 0, host_offset, nbytes
     host = cluster_offset & L2E_OFFSET_MASK
     if offset_into_cluster(s, host):
-        return _corrupt(bs, f"Data cluster offset {host:#x} unaligned (guest offset: {guest_offset:#x})"), \
+        return _corrupt(bs, f"Data cluster offset {c_hex(host)} unaligned (guest offset: {c_hex(guest_offset)})"), \
             host_offset, nbytes
     if host_offset and host != host_offset:
         return 0, host_offset, 0      # allocated in place, but not contiguous with what we have
@@ -285,8 +286,8 @@ def handle_alloc(bs, guest_offset: int, host_offset: int, nbytes: int, m: QCowL2
             and (not host_offset or start_of_cluster(s, host_offset) == entry & L2E_OFFSET_MASK)):
         # Reuse preallocated zero clusters.
         if offset_into_cluster(s, entry & L2E_OFFSET_MASK):
-            return _corrupt(bs, f"Preallocated zero cluster offset {entry & L2E_OFFSET_MASK:#x} unaligned "
-                                f"(guest offset: {guest_offset:#x})"), host_offset, nbytes, m
+            return _corrupt(bs, f"Preallocated zero cluster offset {c_hex(entry & L2E_OFFSET_MASK)} unaligned "
+                                f"(guest offset: {c_hex(guest_offset)})"), host_offset, nbytes, m
         nb_clusters = count_contiguous_clusters(nb_clusters, s.cluster_size, entries, QCOW_OFLAG_COPIED)
         alloc_cluster_offset = entry & L2E_OFFSET_MASK
         keep_old_clusters = True

@@ -35,7 +35,7 @@ from qblock.block.graph import (
     bdrv_root_unref_child,
     bdrv_unref,
 )
-from qblock.block.io import bdrv_co_flush, bdrv_co_truncate
+from qblock.block.io import bdrv_co_flush, bdrv_co_pwrite, bdrv_co_truncate
 from qblock.util.coroutine_lock import qemu_co_mutex_lock, qemu_co_mutex_unlock
 from qblock.util.error import Error, error_prepend, error_setg_errno
 from qblock.util.qemu_option import (
@@ -55,7 +55,6 @@ from .qcow2_h import (
     QCOW2_COMPAT_LAZY_REFCOUNTS,
     QCOW_HEADER,
     QCOW_MAGIC,
-    bdrv_co_pwrite,
 )
 
 qcow2_create_opts = QemuOptsList("qcow2-create-opts", [

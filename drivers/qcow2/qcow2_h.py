@@ -19,7 +19,6 @@ from typing import Any
 
 import attrs
 
-from qblock.block.io import bdrv_co_flush, bdrv_co_preadv, bdrv_co_pwritev
 from qblock.util.coroutine_lock import CoMutex, CoQueue
 from qblock.util.iov import QEMUIOVector
 
@@ -56,6 +55,9 @@ L1E_OFFSET_MASK = 0x00FFFFFFFFFFFE00
 L2E_OFFSET_MASK = 0x00FFFFFFFFFFFE00
 L2E_COMPRESSED_OFFSET_SIZE_MASK = 0x3FFFFFFFFFFFFFFF
 REFT_OFFSET_MASK = 0xFFFFFFFFFFFFFE00
+L1E_RESERVED_MASK = 0x7F000000000001FF
+L2E_STD_RESERVED_MASK = 0x3F000000000001FE
+REFT_RESERVED_MASK = 0x1FF
 INT64_MAX = (1 << 63) - 1
 INT_MAX = (1 << 31) - 1
 
@@ -106,6 +108,7 @@ QCOW_HEADER_V3_MIN = 104
 HDR_SIZE_OFFSET = 24                  # offsetof(QCowHeader, size)
 HDR_L1_SIZE_OFFSET = 36               # offsetof(QCowHeader, l1_size)
 HDR_REFCOUNT_TABLE_OFFSET = 48        # offsetof(QCowHeader, refcount_table_offset)
+HDR_NB_SNAPSHOTS_OFFSET = 60          # offsetof(QCowHeader, nb_snapshots)
 HDR_INCOMPAT_OFFSET = 72              # offsetof(QCowHeader, incompatible_features)
 QCOW_EXT = struct.Struct(">II")
 QCOW2_FEATURE = struct.Struct(">BB46s")
@@ -230,6 +233,7 @@ class QCowSnapshot:
     date_sec: int = 0
     date_nsec: int = 0
     vm_clock_nsec: int = 0
+    extra_data_size: int = 0
 
 
 @attrs.define(eq=False)
@@ -297,6 +301,9 @@ class BDRVQcow2State:
     cluster_allocs: list = attrs.field(factory=list)    # QCowL2Meta in flight
     discards: list = attrs.field(factory=list)          # Qcow2DiscardRegion
     cache_discards: bool = False
+    # qblock addition: a cluster was freed since the L2 tables were last written back; it must not be
+    # handed out again before they are (see qcow2_refcount.sync_before_reuse).
+    freed_before_l2_sync: bool = False
     metadata_preallocation: bool = False
 
 
@@ -373,24 +380,6 @@ def l2_entry_set(table, index: int, value: int) -> None:
     BE64.pack_into(table, index * 8, value)
 
 
-# --------------------------------------------------------------------------
-# Byte-buffer helpers (block-io.h's bdrv_co_pread/bdrv_co_pwrite/bdrv_co_pwrite_sync)
-
-
-def bdrv_co_pread(child, offset: int, bytes: int, buf) -> int:
-    """Read ``bytes`` at ``offset`` into ``buf`` (a bytearray or writable view); 0 or -errno."""
-    view = memoryview(buf).cast("B")[:bytes]
-    return bdrv_co_preadv(child, offset, bytes, QEMUIOVector([view], -1), 0)
-
-
-def bdrv_co_pwrite(child, offset: int, bytes: int, buf, flags: int = 0) -> int:
-    view = memoryview(buf).cast("B")[:bytes]
-    return bdrv_co_pwritev(child, offset, bytes, QEMUIOVector([view], -1), flags)
-
-
-def bdrv_co_pwrite_sync(child, offset: int, bytes: int, buf) -> int:
-    """Write, then flush the child: nothing written later can reach the disk before this."""
-    ret = bdrv_co_pwrite(child, offset, bytes, buf)
-    if ret < 0:
-        return ret
-    return bdrv_co_flush(child.bs)
+def c_hex(value: int) -> str:
+    """printf's ``%#x``/``%#" PRIx64``: like Python's ``#x`` but zero prints as ``0`` (QEMU's messages use it)."""
+    return f"{value:#x}" if value else "0"

@@ -39,6 +39,8 @@ from qblock.util.qemu_option import (
     qemu_opts_absorb_qdict,
 )
 
+from qblock.block.io import bdrv_co_pread, bdrv_co_pwrite, bdrv_co_pwrite_sync
+
 from .qcow2_cache import qcow2_cache_create
 from .qcow2_h import (
     DEFAULT_L2_CACHE_MAX_SIZE,
@@ -95,9 +97,6 @@ from .qcow2_h import (
     QCOW_MAX_REFTABLE_SIZE,
     QCOW_MAX_SNAPSHOTS,
     Qcow2UnknownHeaderExtension,
-    bdrv_co_pread,
-    bdrv_co_pwrite,
-    bdrv_co_pwrite_sync,
     offset_into_cluster,
     size_to_l1,
 )
@@ -302,7 +301,9 @@ def qcow2_update_options(bs, options: dict, flags: int) -> None:
 
 def qcow2_do_open(bs, options: dict, flags: int) -> None:
     """Read and check the header and set up the node (QEMU's qcow2_do_open, with s->lock held).  Raises Error."""
-    from .qcow2_check import BDRV_FIX_ERRORS, BDRV_FIX_LEAKS, BdrvCheckResult, qcow2_check_refcounts
+    from qblock.block.check import BDRV_FIX_ERRORS, BDRV_FIX_LEAKS, BdrvCheckResult
+
+    from .qcow2_check import qcow2_co_check_locked
     from .qcow2_refcount import qcow2_refcount_init
     from .qcow2_snapshot import qcow2_read_snapshots
     s = bs.opaque
@@ -436,9 +437,7 @@ def qcow2_do_open(bs, options: dict, flags: int) -> None:
     # Repair an image left dirty by a crash with lazy refcounts.
     if not flags & BDRV_O_CHECK and bdrv_is_writable(bs) and s.incompatible_features & QCOW2_INCOMPAT_DIRTY:
         result = BdrvCheckResult()
-        ret = qcow2_check_refcounts(bs, result, BDRV_FIX_LEAKS | BDRV_FIX_ERRORS)
-        if ret >= 0 and not result.check_errors and not result.corruptions:
-            ret = qcow2_mark_clean(bs)
+        ret = qcow2_co_check_locked(bs, result, BDRV_FIX_ERRORS | BDRV_FIX_LEAKS)
         if ret < 0 or result.check_errors:
             raise error_setg_errno(-ret if ret < 0 else errno.EIO, "Could not repair dirty image")
 

@@ -13,6 +13,8 @@ from __future__ import annotations
 import errno
 import struct
 
+from qblock.block.io import bdrv_co_pread
+
 from .qcow2_h import (
     L1E_OFFSET_MASK,
     QCOW2_OL_ACTIVE_L1,
@@ -25,7 +27,6 @@ from .qcow2_h import (
     QCOW2_OL_REFCOUNT_TABLE,
     QCOW2_OL_SNAPSHOT_TABLE,
     REFT_OFFSET_MASK,
-    bdrv_co_pread,
     offset_into_cluster,
     ranges_overlap,
     start_of_cluster,
@@ -83,11 +84,11 @@ def qcow2_check_metadata_overlap(bs, ign: int, offset: int, size: int) -> int:
 
 def qcow2_pre_write_overlap_check(bs, ign: int, offset: int, size: int) -> int:
     """0 if writing [offset, +size) of the file is safe; else the image is marked corrupt and -EIO."""
-    from .qcow2_header import qcow2_signal_corruption
     ret = qcow2_check_metadata_overlap(bs, ign, offset, size)
     if ret < 0:
         return ret
     if ret > 0:
+        from .qcow2_header import qcow2_signal_corruption
         bitnr = (ret & -ret).bit_length() - 1
         if bitnr >= QCOW2_OL_MAX_BITNR:
             raise AssertionError("bad overlap bit")

@@ -29,7 +29,7 @@ import struct
 import sys
 
 from qblock.block.driver import BlkdebugEvent
-from qblock.block.io import BLKDBG_EVENT, bdrv_co_pdiscard
+from qblock.block.io import BLKDBG_EVENT, bdrv_co_pdiscard, bdrv_co_pread, bdrv_co_pwrite_sync
 from qblock.util.error import strerror
 
 from .qcow2_cache import (
@@ -43,6 +43,7 @@ from .qcow2_cache import (
     qcow2_cache_set_dependency,
 )
 from .qcow2_h import (
+    c_hex,
     HDR_REFCOUNT_TABLE_OFFSET,
     INT64_MAX,
     L2E_OFFSET_MASK,
@@ -56,8 +57,6 @@ from .qcow2_h import (
     REFT_OFFSET_MASK,
     REFTABLE_ENTRY_SIZE,
     Qcow2DiscardRegion,
-    bdrv_co_pread,
-    bdrv_co_pwrite_sync,
     offset_into_cluster,
     qcow2_get_cluster_type,
     size_to_clusters,
@@ -132,9 +131,14 @@ def load_refcount_block(bs, refcount_block_offset: int):
     return qcow2_cache_get(bs, bs.opaque.refcount_block_cache, refcount_block_offset)
 
 
+def qcow2_signal_corruption(bs, fatal: bool, offset: int, size: int, msg: str) -> None:
+    """qcow2_header's, imported when first needed (the two modules import each other)."""
+    from .qcow2_header import qcow2_signal_corruption as signal
+    signal(bs, fatal, offset, size, msg)
+
+
 def qcow2_get_refcount(bs, cluster_index: int) -> tuple[int, int]:
     """(0, refcount of the cluster) or (-errno, 0)."""
-    from .qcow2_header import qcow2_signal_corruption
     s = bs.opaque
     refcount_table_index = cluster_index >> s.refcount_block_bits
     if refcount_table_index >= s.refcount_table_size:
@@ -143,8 +147,8 @@ def qcow2_get_refcount(bs, cluster_index: int) -> tuple[int, int]:
     if not refcount_block_offset:
         return 0, 0
     if offset_into_cluster(s, refcount_block_offset):
-        qcow2_signal_corruption(bs, True, -1, -1, f"Refblock offset {refcount_block_offset:#x} unaligned "
-                                f"(reftable index: {refcount_table_index:#x})")
+        qcow2_signal_corruption(bs, True, -1, -1, f"Refblock offset {c_hex(refcount_block_offset)} unaligned "
+                                f"(reftable index: {c_hex(refcount_table_index)})")
         return -errno.EIO, 0
     ret, refcount_block = qcow2_cache_get(bs, s.refcount_block_cache, refcount_block_offset)
     if ret < 0:
@@ -164,15 +168,14 @@ def alloc_refcount_block(bs, cluster_index: int):
 
     (-EAGAIN, None) after any allocation: the caller's free clusters may now hold metadata.
     """
-    from .qcow2_header import qcow2_signal_corruption
     s = bs.opaque
     refcount_table_index = cluster_index >> s.refcount_block_bits
     if refcount_table_index < s.refcount_table_size:
         refcount_block_offset = s.refcount_table[refcount_table_index] & REFT_OFFSET_MASK
         if refcount_block_offset:
             if offset_into_cluster(s, refcount_block_offset):
-                qcow2_signal_corruption(bs, True, -1, -1, f"Refblock offset {refcount_block_offset:#x} unaligned "
-                                        f"(reftable index: {refcount_table_index:#x})")
+                qcow2_signal_corruption(bs, True, -1, -1, f"Refblock offset {c_hex(refcount_block_offset)} unaligned "
+                                        f"(reftable index: {c_hex(refcount_table_index)})")
                 return -errno.EIO, None
             return load_refcount_block(bs, refcount_block_offset)
 
@@ -359,6 +362,25 @@ def qcow2_process_discards(bs, ret: int) -> None:
             bdrv_co_pdiscard(bs.file, d.offset, d.bytes)
 
 
+def sync_before_reuse(bs) -> int:
+    """Write the L2 tables back (and flush) before a cluster freed since they were last written is reused.
+
+    qblock addition (QEMU 7.2 has the window): a discard or an unmapping zero write frees a cluster in
+    the refcount cache while the L2 entry that stops pointing at it may still be only in the L2 cache.
+    If another write reused the cluster at once, its data would reach the file first, and a crash then
+    would leave the old L2 entry pointing at it: the discarded range would read another offset's data.
+    0 or -errno.
+    """
+    s = bs.opaque
+    if not s.freed_before_l2_sync:
+        return 0
+    s.freed_before_l2_sync = False
+    ret = qcow2_cache_flush(bs, s.l2_table_cache)
+    if ret < 0:
+        s.freed_before_l2_sync = True
+    return ret
+
+
 def _issue_pending_discards(bs) -> None:
     """Before a cluster can be handed out again, discard what was freed so far.
 
@@ -424,8 +446,8 @@ def update_refcount(bs, offset: int, length: int, addend: int, decrease: bool, t
                 s.free_cluster_index = start >> s.cluster_bits
             if ret < 0:
                 break
+            qcow2_cache_entry_mark_dirty(c, refcount_block)
         old_table_index = table_index
-        qcow2_cache_entry_mark_dirty(c, refcount_block)
         block_index = cluster_index & (s.refcount_block_size - 1)
         refcount = s.get_refcount(refcount_block, block_index)
         if decrease:
@@ -438,8 +460,10 @@ def update_refcount(bs, offset: int, length: int, addend: int, decrease: bool, t
                 ret = -errno.EINVAL
                 break
             refcount += addend
-        if refcount == 0 and cluster_index < s.free_cluster_index:
-            s.free_cluster_index = cluster_index
+        if refcount == 0:
+            s.freed_before_l2_sync = True
+            if cluster_index < s.free_cluster_index:
+                s.free_cluster_index = cluster_index
         s.set_refcount(refcount_block, block_index, refcount)
         if refcount == 0:
             # A freed table must never be written back over whatever reuses its cluster.
@@ -480,16 +504,38 @@ def qcow2_update_cluster_refcount(bs, cluster_index: int, addend: int, decrease:
 def alloc_clusters_noref(bs, size: int, max_offset: int) -> int:
     """The offset of ``size`` bytes of free clusters, without taking them; or -errno."""
     s = bs.opaque
+    ret = sync_before_reuse(bs)
+    if ret < 0:
+        return ret
     _issue_pending_discards(bs)
     nb_clusters = size_to_clusters(s, size)
+    # QEMU looks at one cluster at a time (qcow2_get_refcount each); qblock scans a refcount block
+    # per cache lookup, with the same result and the same free_cluster_index.
+    block_size = s.refcount_block_size
     i = 0
     while i < nb_clusters:
-        next_cluster_index = s.free_cluster_index
-        s.free_cluster_index += 1
-        ret, refcount = qcow2_get_refcount(bs, next_cluster_index)
+        index = s.free_cluster_index
+        table_index = index >> s.refcount_block_bits
+        block_offset = s.refcount_table[table_index] & REFT_OFFSET_MASK if table_index < s.refcount_table_size else 0
+        if not block_offset:
+            # No refcount block yet: every cluster it would describe is free.
+            take = min(nb_clusters - i, ((table_index + 1) << s.refcount_block_bits) - index)
+            s.free_cluster_index += take
+            i += take
+            continue
+        if offset_into_cluster(s, block_offset):
+            ret, _ = qcow2_get_refcount(bs, index)      # reports the corruption
+            return ret
+        ret, block = qcow2_cache_get(bs, s.refcount_block_cache, block_offset)
         if ret < 0:
             return ret
-        i = i + 1 if refcount == 0 else 0
+        get = s.get_refcount
+        j = index & (block_size - 1)
+        while i < nb_clusters and j < block_size:
+            i = 0 if get(block, j) else i + 1
+            j += 1
+        qcow2_cache_put(s.refcount_block_cache, block)
+        s.free_cluster_index = (table_index << s.refcount_block_bits) + j
     if s.free_cluster_index > 0 and s.free_cluster_index - 1 > max_offset >> s.cluster_bits:
         return -errno.EFBIG
     return (s.free_cluster_index - nb_clusters) << s.cluster_bits
@@ -513,6 +559,9 @@ def qcow2_alloc_clusters_at(bs, offset: int, nb_clusters: int) -> int:
     s = bs.opaque
     if nb_clusters == 0:
         return 0
+    ret = sync_before_reuse(bs)
+    if ret < 0:
+        return ret
     while True:
         cluster_index = offset >> s.cluster_bits
         i = 0
@@ -531,7 +580,6 @@ def qcow2_alloc_clusters_at(bs, offset: int, nb_clusters: int) -> int:
 
 def qcow2_alloc_bytes(bs, size: int) -> int:
     """Space for a compressed cluster of ``size`` bytes, packed after the previous one: its offset, or -errno."""
-    from .qcow2_header import qcow2_signal_corruption
     s = bs.opaque
     BLKDBG_EVENT(bs.file, BlkdebugEvent.BLKDBG_CLUSTER_ALLOC_BYTES)
     if not 0 < size <= s.cluster_size:
@@ -583,7 +631,6 @@ def qcow2_free_clusters(bs, offset: int, size: int, type_) -> None:
 
 def qcow2_free_any_clusters(bs, l2_entry: int, nb_clusters: int, type_) -> None:
     """Free the clusters an L2 entry points to, whatever its type."""
-    from .qcow2_header import qcow2_signal_corruption
     s = bs.opaque
     ctype = qcow2_get_cluster_type(l2_entry)
     if ctype == QCOW2_CLUSTER_COMPRESSED:
@@ -592,6 +639,6 @@ def qcow2_free_any_clusters(bs, l2_entry: int, nb_clusters: int, type_) -> None:
     elif ctype in (QCOW2_CLUSTER_NORMAL, QCOW2_CLUSTER_ZERO_ALLOC):
         host = l2_entry & L2E_OFFSET_MASK
         if offset_into_cluster(s, host):
-            qcow2_signal_corruption(bs, False, -1, -1, f"Cannot free unaligned cluster {host:#x}")
+            qcow2_signal_corruption(bs, False, -1, -1, f"Cannot free unaligned cluster {c_hex(host)}")
         else:
             qcow2_free_clusters(bs, host, nb_clusters << s.cluster_bits, type_)

@@ -5,19 +5,47 @@ of an image with internal snapshots can be used: the snapshots' L1 tables
 and the table itself take part in the overlap checks and in refcount
 checks, and the header keeps them when it is rewritten.  Creating,
 applying and deleting snapshots (``qemu-img snapshot -c/-a/-d``) are not
-implemented.
+implemented.  ``qcow2_check_read_snapshot_table`` is the check's reading of
+the table (BDRV_O_CHECK opens skip it); it reports what QEMU reports but
+cannot rewrite a damaged table (no ``qcow2_write_snapshots``).
 """
 from __future__ import annotations
 
 import errno
 import struct
+import sys
 
-from qblock.util.error import Error, error_setg_errno
+from qblock.block.io import bdrv_co_pread
+from qblock.util.error import Error, error_report, error_setg_errno, strerror
 
-from .qcow2_h import QCOW_MAX_SNAPSHOT_EXTRA_DATA, QCowSnapshot, bdrv_co_pread
+from .qcow2_h import HDR_NB_SNAPSHOTS_OFFSET, QCOW_MAX_SNAPSHOT_EXTRA_DATA, QCOW_MAX_SNAPSHOTS, QCowSnapshot
 
 QCOW_SNAPSHOT_HEADER = struct.Struct(">QIHHIIQII")     # 40 bytes
 QCOW_MAX_SNAPSHOTS_SIZE = 1024 * 65536 * 4             # QEMU's bound on the whole table (about 256 MiB)
+
+
+class _TableReader:
+    """Reads of the snapshot table through one buffer filled 64 KiB at a time (qblock: QEMU reads each field
+    with its own bdrv_pread, which Python cannot afford for tens of thousands of entries)."""
+
+    CHUNK = 65536
+
+    def __init__(self, bs) -> None:
+        self.bs = bs
+        self.start = 0
+        self.buf = b""
+
+    def read(self, offset: int, n: int) -> bytes:
+        """``n`` bytes at ``offset`` (zeros past the end of the file); raises Error on an I/O error."""
+        if not (self.start <= offset and offset + n <= self.start + len(self.buf)):
+            size = max(n, self.CHUNK)
+            buf = bytearray(size)
+            ret = bdrv_co_pread(self.bs.file, offset, size, buf)
+            if ret < 0:
+                raise error_setg_errno(-ret, "Failed to read snapshot table")
+            self.start, self.buf = offset, bytes(buf)
+        pos = offset - self.start
+        return self.buf[pos:pos + n]
 
 
 def qcow2_read_snapshots(bs) -> None:
@@ -27,25 +55,20 @@ def qcow2_read_snapshots(bs) -> None:
     s.snapshots_size = 0
     if not s.nb_snapshots:
         return
+    table = _TableReader(bs)
     offset = s.snapshots_offset
     for i in range(s.nb_snapshots):
         offset = (offset + 7) & ~7
-        hdr = bytearray(QCOW_SNAPSHOT_HEADER.size)
-        ret = bdrv_co_pread(bs.file, offset, len(hdr), hdr)
-        if ret < 0:
-            raise error_setg_errno(-ret, "Failed to read snapshot table")
         (l1_table_offset, l1_size, id_str_size, name_size, date_sec, date_nsec, vm_clock_nsec,
-         vm_state_size, extra_data_size) = QCOW_SNAPSHOT_HEADER.unpack(hdr)
-        offset += len(hdr)
+         vm_state_size, extra_data_size) = QCOW_SNAPSHOT_HEADER.unpack(table.read(offset, QCOW_SNAPSHOT_HEADER.size))
+        offset += QCOW_SNAPSHOT_HEADER.size
         if extra_data_size > QCOW_MAX_SNAPSHOT_EXTRA_DATA:
             raise Error(f"Too much extra metadata in snapshot table entry {i}", errno=errno.EFBIG)
-        rest = bytearray(extra_data_size + id_str_size + name_size)
-        ret = bdrv_co_pread(bs.file, offset, len(rest), rest)
-        if ret < 0:
-            raise error_setg_errno(-ret, "Failed to read snapshot table")
+        rest = table.read(offset, extra_data_size + id_str_size + name_size)
         offset += len(rest)
         sn = QCowSnapshot(l1_table_offset=l1_table_offset, l1_size=l1_size, date_sec=date_sec,
-                          date_nsec=date_nsec, vm_clock_nsec=vm_clock_nsec, vm_state_size=vm_state_size)
+                          date_nsec=date_nsec, vm_clock_nsec=vm_clock_nsec, vm_state_size=vm_state_size,
+                          extra_data_size=extra_data_size)
         if extra_data_size >= 16:
             large, sn.disk_size = struct.unpack_from(">QQ", rest, 0)
             sn.vm_state_size = large
@@ -55,3 +78,45 @@ def qcow2_read_snapshots(bs) -> None:
         if offset - s.snapshots_offset > QCOW_MAX_SNAPSHOTS_SIZE:
             raise Error("Snapshot table too large", errno=errno.EFBIG)
     s.snapshots_size = offset - s.snapshots_offset
+
+
+def qcow2_check_read_snapshot_table(bs, result, fix: int) -> int:
+    """Read the snapshot table for a check, counting what is wrong with it in ``result``: 0 or -errno.
+
+    As QEMU's, except that nothing is repaired: qblock cannot rewrite the
+    table, so overhanging snapshots and incomplete entries stay corruptions.
+    """
+    from .qcow2_header import qcow2_validate_table
+    s = bs.opaque
+    raw = bytearray(12)
+    ret = bdrv_co_pread(bs.file, HDR_NB_SNAPSHOTS_OFFSET, 12, raw)
+    if ret < 0:
+        result.check_errors += 1
+        sys.stderr.write(f"ERROR failed to read the snapshot table pointer from the image header: {strerror(-ret)}\n")
+        return ret
+    s.nb_snapshots, s.snapshots_offset = struct.unpack(">IQ", raw)
+    try:
+        qcow2_validate_table(s, s.snapshots_offset, s.nb_snapshots, QCOW_SNAPSHOT_HEADER.size,
+                             QCOW_SNAPSHOT_HEADER.size * QCOW_MAX_SNAPSHOTS, "snapshot table")
+    except Error as e:
+        result.check_errors += 1
+        error_report(f"ERROR {e.msg}")
+        if s.nb_snapshots > QCOW_MAX_SNAPSHOTS:
+            sys.stderr.write(f"You can force-remove all {s.nb_snapshots - QCOW_MAX_SNAPSHOTS} overhanging "
+                             "snapshots with qemu-img check -r all\n")
+        s.snapshots_offset = s.nb_snapshots = 0
+        return -e.errno
+    try:
+        qcow2_read_snapshots(bs)
+    except Error as e:
+        result.check_errors += 1
+        error_report(f"ERROR failed to read the snapshot table: {e.msg}")
+        s.snapshots_offset = s.nb_snapshots = 0
+        s.snapshots, s.snapshots_size = [], 0
+        return -(e.errno or errno.EIO)
+    if s.qcow_version >= 3:
+        for i, sn in enumerate(s.snapshots):
+            if sn.extra_data_size < 16:
+                result.corruptions += 1
+                sys.stderr.write(f"ERROR snapshot table entry {i} is incomplete\n")
+    return 0

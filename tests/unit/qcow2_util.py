@@ -1,7 +1,12 @@
 """Helpers shared by the qcow2 tests: create, open, read the header, poke bytes, check refcounts."""
 from __future__ import annotations
 
+import os
+import shutil
 import struct
+import tempfile
+
+import pytest
 
 from qblock.block.block_backend import blk_bs, blk_new_open, blk_unref
 from qblock.block.create import bdrv_create
@@ -49,12 +54,10 @@ def peek(path, offset: int, n: int) -> bytes:
 
 
 def check_blk(blk):
-    """qcow2_check_refcounts (no repair) on an open node, with s->lock held, as qemu-img check runs it."""
-    from qblock.drivers.qcow2.qcow2 import _run_locked
-    from qblock.drivers.qcow2.qcow2_check import BdrvCheckResult, qcow2_check_refcounts
-    bs = blk_bs(blk)
+    """bdrv_check (no repair) on an open node, as qemu-img check runs it."""
+    from qblock.block.check import BdrvCheckResult, bdrv_check
     res = BdrvCheckResult()
-    assert _run_locked(bs, qcow2_check_refcounts, bs, res) == 0
+    assert bdrv_check(blk_bs(blk), res) == 0
     return res
 
 
@@ -66,3 +69,15 @@ def check_image(path):
     finally:
         blk_unref(blk)
     return res.corruptions, res.leaks, res.check_errors
+
+
+
+@pytest.fixture
+def fast_tmp(tmp_path):
+    """A scratch directory on tmpfs when there is one (flushes cost nothing there), else ``tmp_path``."""
+    if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK):
+        d = tempfile.mkdtemp(prefix="qblock-test-", dir="/dev/shm")
+        yield d
+        shutil.rmtree(d, ignore_errors=True)
+    else:
+        yield str(tmp_path)

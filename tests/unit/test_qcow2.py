@@ -302,6 +302,37 @@ def test_a_discard_never_punches_a_cluster_it_reuses(tmp_path):
     blk_unref(blk)
 
 
+@pytest.mark.parametrize("free", ["discard", "zero-unmap"])
+def test_a_freed_cluster_is_not_reused_before_its_l2_entry_is_on_disk(tmp_path, monkeypatch, free):
+    """Regression (crash test): a cluster a discard freed is handed to another write only after the L2 table
+    that stopped pointing at it was written back, so a crash never shows one offset's data at another."""
+    from qblock.drivers.qcow2 import qcow2 as qcow2_mod
+    p = create(tmp_path / "r.qcow2", 4 * MiB)
+    crashed = tmp_path / "crashed.qcow2"
+    link = qcow2_mod.qcow2_alloc_cluster_link_l2
+
+    def crash_before_linking(bs, m):
+        # The data of the reusing write is in the file, its L2 entry not yet: a SIGKILL now leaves this.
+        crashed.write_bytes(open(p, "rb").read())
+        return link(bs, m)
+    blk = open_blk(p, discard="unmap")
+    assert blk_pwrite(blk, 0, b"\x11" * 65536) == 65536
+    assert blk_flush(blk) == 0
+    if free == "discard":
+        assert blk_pdiscard(blk, 0, 65536) == 0
+    else:
+        assert blk_pwrite_zeroes(blk, 0, 65536, BDRV_REQ_MAY_UNMAP) == 0
+    monkeypatch.setattr(qcow2_mod, "qcow2_alloc_cluster_link_l2", crash_before_linking)
+    assert blk_pwrite(blk, MiB, b"\x22" * 65536) == 65536      # takes the freed cluster
+    monkeypatch.undo()
+    blk_unref(blk)
+    blk = open_blk(crashed, 0)
+    buf = bytearray(65536)
+    assert blk_pread(blk, 0, buf) == 65536
+    blk_unref(blk)
+    assert buf in (b"\x11" * 65536, bytes(65536))             # old or discarded, never offset 1 MiB's data
+
+
 def test_concurrent_writes_to_one_cluster_wait_for_the_allocation(tmp_path):
     """Writes in flight together into the same new clusters: later ones wait (handle_dependencies); none is lost."""
     base = create(tmp_path / "b.qcow2", MiB)
