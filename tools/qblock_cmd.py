@@ -26,12 +26,15 @@ from qblock.util.cutils import cvtstr, qemu_strtosz
 from qblock.util.error import Error
 
 DEFAULT_SCENARIO = """\
-default scenario: a 1 MiB image on a 4 KiB-sector disk (blkdebug align=4096 over a file),
-raw format, a throttle filter (group tg0, 10 MiB/s writes), a virtio-blk device with its
-write cache off; the guest queues three writes and kicks once:
+default scenario: a new 1 MiB qcow2 image (64 KiB clusters) in a file, seen through a
+4 KiB-sector layer (blkdebug align=4096), under a throttle filter (group tg0, 10 MiB/s
+writes), a virtio-blk device with its write cache off; the guest queues three writes and
+kicks once:
   write 0 4k       and  write 4k 4k   sequential: merged into one request
   write 8.5k 512   unaligned to the 4 KiB sectors below: read-modify-write
-every write carries FUA (cache off) and the file cannot honour it: FUA is emulated by a flush"""
+qcow2 allocates the first cluster (refcounts, an L2 table, COW of the untouched part) on
+the first write; every write carries FUA (cache off) and qcow2 cannot honour it: FUA is
+emulated by a flush"""
 
 
 class _Quit(Exception):
@@ -126,15 +129,16 @@ class Scenario:
     # -- build ------------------------------------------------------------------
 
     def _default_specs(self) -> tuple[list[str], list[str], str, list[tuple[str, str]]]:
-        from qblock.block.create import bdrv_create_file
+        from qblock.block.create import bdrv_create
+        from qblock.block.driver import bdrv_find_format
         self.tmpdir = tempfile.mkdtemp(prefix="qblock-trace-")
-        path = os.path.join(self.tmpdir, "disk.img")
-        bdrv_create_file(path, {"size": str(1 << 20)})
+        path = os.path.join(self.tmpdir, "disk.qcow2")
+        bdrv_create(bdrv_find_format("qcow2"), path, {"size": str(1 << 20), "cluster_size": str(64 << 10)})
         objects = ["throttle-group,id=tg0,x-bps-write=10485760"]
         blockdevs = [f"driver=file,node-name=disk-file,filename={path}",
-                     "driver=blkdebug,node-name=disk-4k,align=4096,image=disk-file",
-                     "driver=raw,node-name=disk,file=disk-4k",
-                     "driver=throttle,node-name=throttle0,throttle-group=tg0,file=disk"]
+                     "driver=qcow2,node-name=disk,file=disk-file",
+                     "driver=blkdebug,node-name=disk-4k,align=4096,image=disk",
+                     "driver=throttle,node-name=throttle0,throttle-group=tg0,file=disk-4k"]
         device = "virtio-blk,write-cache=off"
         ops = [("write", "0:4k:0xaa"), ("write", "4k:4k:0xbb"), ("write", "8704:512:0xcc")]
         return objects, blockdevs, device, ops

@@ -55,6 +55,11 @@ CASES = {
                       "--blockdev", "driver=blkdebug,node-name=dbg,inject-error.0.event=pwritev,"
                                     "inject-error.0.once=on,image=null0",
                       "--device", "virtio-blk,werror=report", "--write", "0:4k"],
+    # Old data is copied to the target before the first write to a cluster, not before the second.
+    "copy_before_write": ["--blockdev", "driver=null-co,node-name=src,size=1M,read-zeroes=on",
+                          "--blockdev", "driver=null-co,node-name=tgt,size=1M,read-zeroes=on",
+                          "--blockdev", "driver=copy-before-write,node-name=cbw,file=src,target=tgt",
+                          "--write", "0:4k", "--write", "8k:4k", "--kick-each"],
     "werror_stop_resumed": ["--blockdev", "driver=null-co,node-name=null0,size=1M",
                             "--blockdev", "driver=blkdebug,node-name=dbg,inject-error.0.event=pwritev,"
                                           "inject-error.0.once=on,image=null0",
