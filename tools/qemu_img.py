@@ -3388,6 +3388,8 @@ def _main(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Console-script entry point: qemu-img's main, with stray exceptions as one error line."""
+    from qblock.util.error import error_set_progname
+    error_set_progname(PROG)
     argv = sys.argv[1:] if argv is None else argv
     try:
         status = _main(argv)

@@ -275,7 +275,8 @@ def _shutdown() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from qblock.util.error import Error
+    from qblock.util.error import Error, error_set_progname
+    error_set_progname(PROG)
     argv = sys.argv[1:] if argv is None else argv
     try:
         opts = _getopt(argv)

@@ -55,13 +55,22 @@ def strerror(errno: int) -> str:
     return os.strerror(errno)
 
 
+_progname = "qblock"
+
+
+def error_set_progname(name: str) -> None:
+    """The program name error_report puts before each line (QEMU's error_set_progname)."""
+    global _progname
+    _progname = name
+
+
 def error_report(msg: str) -> None:
-    """Print an error line to stderr, as QEMU's error_report does."""
+    """Print an error line to stderr, as QEMU's error_report does: ``PROGNAME: msg``."""
     import sys
-    sys.stderr.write(f"qblock: {msg}\n")
+    sys.stderr.write(f"{_progname}: {msg}\n")
 
 
 def warn_report(msg: str) -> None:
     """Print a warning line to stderr (QEMU's warn_report)."""
     import sys
-    sys.stderr.write(f"qblock: warning: {msg}\n")
+    sys.stderr.write(f"{_progname}: warning: {msg}\n")
