@@ -106,6 +106,7 @@ from qblock.util.aio import (
     qemu_get_aio_context,
 )
 from qblock.util.aiocb import AIOCBInfo, BlockAIOCB, qemu_aio_unref
+from qblock.util.aiocb import _ids as _aiocb_ids
 from qblock.util.coroutine import coroutine_fn, qemu_coroutine_create
 from qblock.util.coroutine_lock import CoQueue, qemu_co_enter_next, qemu_co_queue_wait
 from qblock.util.cutils import MIN_NON_ZERO
@@ -216,6 +217,14 @@ class BlockBackend:
     def __repr__(self) -> str:
         return f"<BlockBackend {self.trace_name} bs={self.root.bs.node_name if self.root else None}>"
 
+
+_new_object = object.__new__
+_next_aiocb_id = _aiocb_ids.__next__
+# Trace events tested on every request: the flag test without the function's attribute lookup.
+_ev_blk_aio_prwv = trace_blk_aio_prwv.event
+_ev_blk_aio_complete = trace_blk_aio_complete.event
+_ev_blk_co_pwritev = trace_blk_co_pwritev.event
+_ev_blk_co_preadv = trace_blk_co_preadv.event
 
 block_backends: list[BlockBackend] = []          # every BlockBackend (blk_all_next)
 monitor_block_backends: list[BlockBackend] = []  # the named ones (blk_next, blk_by_name)
@@ -597,7 +606,7 @@ def blk_co_do_preadv(blk: BlockBackend, offset: int, bytes: int, qiov: QEMUIOVec
     """The body of the seed's blk_co_preadv (QEMU 5.0+: blk_co_do_preadv_part)."""
     blk_wait_while_drained(blk)
     bs = blk_bs(blk)  # only after waiting: the graph may have changed
-    if trace_blk_co_preadv.event.enabled:
+    if _ev_blk_co_preadv.enabled:
         trace_blk_co_preadv(blk, bs, offset, bytes, flags)
     ret = blk_check_byte_request(blk, offset, bytes)
     if ret < 0:
@@ -615,7 +624,7 @@ def blk_co_do_pwritev(blk: BlockBackend, offset: int, bytes: int, qiov: QEMUIOVe
     """The body of the seed's blk_co_pwritev (QEMU 5.0+: blk_co_do_pwritev_part)."""
     blk_wait_while_drained(blk)
     bs = blk_bs(blk)
-    if trace_blk_co_pwritev.event.enabled:
+    if _ev_blk_co_pwritev.enabled:
         trace_blk_co_pwritev(blk, bs, offset, bytes, flags)
     ret = blk_check_byte_request(blk, offset, bytes)
     if ret < 0:
@@ -735,19 +744,21 @@ class BlkAioEmAIOCB(BlockAIOCB):
 def blk_aio_complete(acb: BlkAioEmAIOCB) -> None:
     """Run the user's callback, but only once blk_aio_prwv has returned the AIOCB."""
     if acb.has_returned:
-        if trace_blk_aio_complete.event.enabled:
-            trace_blk_aio_complete(acb.rwco.blk, acb, acb.rwco.ret, 0)
-        acb.cb(acb.opaque, acb.rwco.ret)
-        blk_dec_in_flight(acb.rwco.blk)
+        rwco = acb.rwco
+        if _ev_blk_aio_complete.enabled:
+            trace_blk_aio_complete(rwco.blk, acb, rwco.ret, 0)
+        acb.cb(acb.opaque, rwco.ret)
+        blk_dec_in_flight(rwco.blk)
         qemu_aio_unref(acb)
 
 
 def blk_aio_complete_bh(acb: BlkAioEmAIOCB) -> None:
     assert acb.has_returned
-    if trace_blk_aio_complete.event.enabled:
-        trace_blk_aio_complete(acb.rwco.blk, acb, acb.rwco.ret, 1)
-    acb.cb(acb.opaque, acb.rwco.ret)
-    blk_dec_in_flight(acb.rwco.blk)
+    rwco = acb.rwco
+    if _ev_blk_aio_complete.enabled:
+        trace_blk_aio_complete(rwco.blk, acb, rwco.ret, 1)
+    acb.cb(acb.opaque, rwco.ret)
+    blk_dec_in_flight(rwco.blk)
     qemu_aio_unref(acb)
 
 
@@ -759,10 +770,27 @@ def blk_aio_prwv(blk: BlockBackend, offset: int, bytes: int, iobuf: Any, co_entr
     (aio_context_acquire), as QEMU 4.x requires: otherwise the request may complete twice.
     """
     blk_inc_in_flight(blk)
-    acb = BlkAioEmAIOCB(blk_aio_em_aiocb_info, blk_bs(blk), cb, opaque,
-                        rwco=BlkRwCo(blk, offset, iobuf, NOT_DONE, flags), bytes=bytes)
+    # BlkAioEmAIOCB(blk_aio_em_aiocb_info, blk_bs(blk), cb, opaque,
+    #               rwco=BlkRwCo(blk, offset, iobuf, NOT_DONE, flags), bytes=bytes),
+    # built field by field: the generated __init__s cost two frames per request.
+    rwco = _new_object(BlkRwCo)
+    rwco.blk = blk
+    rwco.offset = offset
+    rwco.iobuf = iobuf
+    rwco.ret = NOT_DONE
+    rwco.flags = flags
+    acb = _new_object(BlkAioEmAIOCB)
+    acb.aiocb_info = blk_aio_em_aiocb_info
+    acb.bs = blk_bs(blk)
+    acb.cb = cb
+    acb.opaque = opaque
+    acb.refcnt = 1
+    acb.id = _next_aiocb_id()
+    acb.rwco = rwco
+    acb.bytes = bytes
+    acb.has_returned = False
     co = qemu_coroutine_create(co_entry, acb)
-    if trace_blk_aio_prwv.event.enabled:
+    if _ev_blk_aio_prwv.enabled:
         trace_blk_aio_prwv(blk, co_entry.__name__, offset, bytes, co)
     bs = blk_bs(blk)
     if bs is not None:
@@ -770,7 +798,7 @@ def blk_aio_prwv(blk: BlockBackend, offset: int, bytes: int, iobuf: Any, co_entr
     else:
         aio_co_enter(blk.ctx, co)
     acb.has_returned = True
-    if acb.rwco.ret != NOT_DONE:
+    if rwco.ret != NOT_DONE:
         # The coroutine already finished: the callback must not run before our caller has the AIOCB.
         aio_bh_schedule_oneshot(blk_get_aio_context(blk), blk_aio_complete_bh, acb, "blk_aio_complete_bh")
     return acb

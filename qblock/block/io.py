@@ -140,6 +140,18 @@ DISCARD = BdrvTrackedRequestType.BDRV_TRACKED_DISCARD
 TRUNCATE = BdrvTrackedRequestType.BDRV_TRACKED_TRUNCATE
 _DZ_OFF = BlockdevDetectZeroesOptions.BLOCKDEV_DETECT_ZEROES_OPTIONS_OFF
 _DZ_UNMAP = BlockdevDetectZeroesOptions.BLOCKDEV_DETECT_ZEROES_OPTIONS_UNMAP
+_BLKDBG_PWRITEV = BlkdebugEvent.BLKDBG_PWRITEV
+_BLKDBG_PWRITEV_ZERO = BlkdebugEvent.BLKDBG_PWRITEV_ZERO
+_BLKDBG_PWRITEV_DONE = BlkdebugEvent.BLKDBG_PWRITEV_DONE
+_new_object = object.__new__
+# Trace events tested on every request: the flag test without the function's attribute lookup.
+_ev_bdrv_co_pwritev = trace_bdrv_co_pwritev.event
+_ev_bdrv_co_preadv = trace_bdrv_co_preadv.event
+_ev_bdrv_aligned_pwritev = trace_bdrv_aligned_pwritev.event
+_ev_bdrv_aligned_preadv = trace_bdrv_aligned_preadv.event
+_ev_bdrv_driver_pwritev = trace_bdrv_driver_pwritev.event
+_ev_bdrv_driver_preadv = trace_bdrv_driver_preadv.event
+_ev_bdrv_driver_done = trace_bdrv_driver_done.event
 
 
 # --------------------------------------------------------------------------
@@ -158,8 +170,10 @@ def bdrv_dec_in_flight(bs: BlockDriverState) -> None:
 
 def bdrv_debug_event(bs: BlockDriverState | None, event: BlkdebugEvent) -> None:
     """Tell a listening debug driver (blkdebug) that ``event`` happened; a no-op otherwise."""
-    if bs is not None and bs.drv is not None and bs.drv.bdrv_debug_event is not None:
-        bs.drv.bdrv_debug_event(bs, event)
+    if bs is not None:
+        drv = bs.drv
+        if drv is not None and drv.bdrv_debug_event is not None:
+            drv.bdrv_debug_event(bs, event)
 
 
 def BLKDBG_EVENT(child: BdrvChild | None, event: BlkdebugEvent) -> None:
@@ -185,7 +199,19 @@ def _driver_exception(bs: BlockDriverState, hook: str, exc: BaseException) -> in
 
 def tracked_request_begin(bs: BlockDriverState, offset: int, bytes: int, type: int) -> BdrvTrackedRequest:
     """Make a request visible to overlapping ones (it starts covering exactly its own range)."""
-    req = BdrvTrackedRequest(bs, offset, bytes, type, qemu_coroutine_self(), False, offset, bytes)
+    # BdrvTrackedRequest(bs, offset, bytes, type, qemu_coroutine_self(), False, offset, bytes),
+    # built field by field: the generated __init__ costs a frame per request.
+    req = _new_object(BdrvTrackedRequest)
+    req.bs = bs
+    req.offset = offset
+    req.bytes = bytes
+    req.type = type
+    req.co = qemu_coroutine_self()
+    req.serialising = False
+    req.overlap_offset = offset
+    req.overlap_bytes = bytes
+    req.wait_queue = None
+    req.waiting_for = None
     bs.tracked_requests.append(req)
     return req
 
@@ -429,14 +455,15 @@ def bdrv_driver_preadv(bs: BlockDriverState, offset: int, bytes: int, qiov: QEMU
     try:
         if drv.bdrv_co_preadv_part is not None:
             hook = "bdrv_co_preadv_part"
-            if trace_bdrv_driver_preadv.event.enabled:
+            if _ev_bdrv_driver_preadv.enabled:
                 trace_bdrv_driver_preadv(bs, hook, offset, bytes, flags)
             ret = drv.bdrv_co_preadv_part(bs, offset, bytes, qiov, qiov_offset, flags)
         else:
-            qiov = _slice(qiov, qiov_offset, bytes)
+            if qiov_offset or bytes != qiov.size:
+                qiov = _slice(qiov, qiov_offset, bytes)
             if drv.bdrv_co_preadv is not None:
                 hook = "bdrv_co_preadv"
-                if trace_bdrv_driver_preadv.event.enabled:
+                if _ev_bdrv_driver_preadv.enabled:
                     trace_bdrv_driver_preadv(bs, hook, offset, bytes, flags)
                 ret = drv.bdrv_co_preadv(bs, offset, bytes, qiov, flags)
             elif drv.bdrv_aio_preadv is not None:
@@ -466,7 +493,7 @@ def bdrv_driver_preadv(bs: BlockDriverState, offset: int, bytes: int, qiov: QEMU
         raise
     except Exception as e:  # noqa: BLE001 - the driver boundary
         return _driver_exception(bs, hook, e)
-    if trace_bdrv_driver_done.event.enabled:
+    if _ev_bdrv_driver_done.enabled:
         trace_bdrv_driver_done(bs, hook, ret)
     return ret
 
@@ -484,15 +511,16 @@ def bdrv_driver_pwritev(bs: BlockDriverState, offset: int, bytes: int, qiov: QEM
     try:
         if drv.bdrv_co_pwritev_part is not None:
             hook = "bdrv_co_pwritev_part"
-            if trace_bdrv_driver_pwritev.event.enabled:
+            if _ev_bdrv_driver_pwritev.enabled:
                 trace_bdrv_driver_pwritev(bs, hook, offset, bytes, flags & supported)
             ret = drv.bdrv_co_pwritev_part(bs, offset, bytes, qiov, qiov_offset, flags & supported)
             flags &= ~supported
         else:
-            qiov = _slice(qiov, qiov_offset, bytes)
+            if qiov_offset or bytes != qiov.size:
+                qiov = _slice(qiov, qiov_offset, bytes)
             if drv.bdrv_co_pwritev is not None:
                 hook = "bdrv_co_pwritev"
-                if trace_bdrv_driver_pwritev.event.enabled:
+                if _ev_bdrv_driver_pwritev.enabled:
                     trace_bdrv_driver_pwritev(bs, hook, offset, bytes, flags & supported)
                 ret = drv.bdrv_co_pwritev(bs, offset, bytes, qiov, flags & supported)
                 flags &= ~supported
@@ -531,7 +559,7 @@ def bdrv_driver_pwritev(bs: BlockDriverState, offset: int, bytes: int, qiov: QEM
         raise
     except Exception as e:  # noqa: BLE001 - the driver boundary
         return _driver_exception(bs, hook, e)
-    if trace_bdrv_driver_done.event.enabled:
+    if _ev_bdrv_driver_done.enabled:
         trace_bdrv_driver_done(bs, hook, ret)
     # emulate_flags: FUA the driver could not honour becomes a flush.
     if ret == 0 and flags & BDRV_REQ_FUA:
@@ -623,7 +651,7 @@ def bdrv_aligned_preadv(child: BdrvChild, req: BdrvTrackedRequest, offset: int, 
                         qiov: QEMUIOVector, qiov_offset: int, flags: int) -> int:
     """Forward an aligned read: serialisation, copy-on-read, zeroes past the end, max_transfer splitting."""
     bs = child.bs
-    if trace_bdrv_aligned_preadv.event.enabled:
+    if _ev_bdrv_aligned_preadv.enabled:
         trace_bdrv_aligned_preadv(bs, offset, bytes, flags)
     max_transfer = QEMU_ALIGN_DOWN(MIN_NON_ZERO(bs.bl.max_transfer, INT_MAX), align)
     if flags & BDRV_REQ_COPY_ON_READ:
@@ -670,7 +698,7 @@ def bdrv_co_preadv_part(child: BdrvChild, offset: int, bytes: int, qiov: QEMUIOV
                         qiov_offset: int, flags: int = 0) -> int:
     """Read ``bytes`` at ``offset`` into ``qiov`` from ``qiov_offset`` (block/io.c: bdrv_co_preadv_part)."""
     bs = child.bs
-    if trace_bdrv_co_preadv.event.enabled:
+    if _ev_bdrv_co_preadv.enabled:
         trace_bdrv_co_preadv(bs, offset, bytes, flags)
     ret = bdrv_check_byte_request(bs, offset, bytes)
     if ret < 0:
@@ -735,13 +763,14 @@ def bdrv_co_write_req_finish(child: BdrvChild, offset: int, bytes: int, req: Bdr
     """After a write or discard: bump write_gen, grow the node, remember the highest offset written."""
     bs = child.bs
     bs.write_gen += 1
-    end_sector = (offset + bytes + BDRV_SECTOR_SIZE - 1) >> BDRV_SECTOR_BITS
+    end = offset + bytes
+    end_sector = (end + BDRV_SECTOR_SIZE - 1) >> BDRV_SECTOR_BITS
     if ret == 0 and end_sector > bs.total_sectors and req.type != DISCARD:
         bs.total_sectors = end_sector
         bdrv_parent_cb_resize(bs)
     if req.bytes and req.type == WRITE:
-        if offset + bytes > bs.wr_highest_offset:
-            bs.wr_highest_offset = offset + bytes
+        if end > bs.wr_highest_offset:
+            bs.wr_highest_offset = end
 
 
 def bdrv_aligned_pwritev(child: BdrvChild, req: BdrvTrackedRequest, offset: int, bytes: int, align: int,
@@ -751,7 +780,7 @@ def bdrv_aligned_pwritev(child: BdrvChild, req: BdrvTrackedRequest, offset: int,
     drv = bs.drv
     if drv is None:
         return -errno.ENOMEDIUM
-    if trace_bdrv_aligned_pwritev.event.enabled:
+    if _ev_bdrv_aligned_pwritev.enabled:
         trace_bdrv_aligned_pwritev(bs, offset, bytes, flags)
     max_transfer = QEMU_ALIGN_DOWN(MIN_NON_ZERO(bs.bl.max_transfer, INT_MAX), align)
     ret = bdrv_co_write_req_prepare(child, offset, bytes, req, flags)
@@ -766,15 +795,15 @@ def bdrv_aligned_pwritev(child: BdrvChild, req: BdrvTrackedRequest, offset: int,
     if ret < 0:
         pass  # a before-write notifier failed the request
     elif flags & BDRV_REQ_ZERO_WRITE:
-        bdrv_debug_event(bs, BlkdebugEvent.BLKDBG_PWRITEV_ZERO)
+        bdrv_debug_event(bs, _BLKDBG_PWRITEV_ZERO)
         ret = bdrv_co_do_pwrite_zeroes(bs, offset, bytes, flags)
     elif flags & BDRV_REQ_WRITE_COMPRESSED:
         ret = bdrv_driver_pwritev_compressed(bs, offset, bytes, qiov, qiov_offset)
     elif bytes <= max_transfer:
-        bdrv_debug_event(bs, BlkdebugEvent.BLKDBG_PWRITEV)
+        bdrv_debug_event(bs, _BLKDBG_PWRITEV)
         ret = bdrv_driver_pwritev(bs, offset, bytes, qiov, qiov_offset, flags)
     else:
-        bdrv_debug_event(bs, BlkdebugEvent.BLKDBG_PWRITEV)
+        bdrv_debug_event(bs, _BLKDBG_PWRITEV)
         if trace_bdrv_fragment.event.enabled:
             trace_bdrv_fragment(bs, offset, bytes, max_transfer)
         remaining = bytes
@@ -789,7 +818,7 @@ def bdrv_aligned_pwritev(child: BdrvChild, req: BdrvTrackedRequest, offset: int,
             if ret < 0:
                 break
             remaining -= num
-    bdrv_debug_event(bs, BlkdebugEvent.BLKDBG_PWRITEV_DONE)
+    bdrv_debug_event(bs, _BLKDBG_PWRITEV_DONE)
     if ret >= 0:
         ret = 0
     bdrv_co_write_req_finish(child, offset, bytes, req, ret)
@@ -836,7 +865,7 @@ def bdrv_co_pwritev_part(child: BdrvChild, offset: int, bytes: int, qiov: QEMUIO
                          qiov_offset: int, flags: int = 0) -> int:
     """Write ``bytes`` at ``offset`` from ``qiov`` (block/io.c: bdrv_co_pwritev_part)."""
     bs = child.bs
-    if trace_bdrv_co_pwritev.event.enabled:
+    if _ev_bdrv_co_pwritev.enabled:
         trace_bdrv_co_pwritev(bs, offset, bytes, flags)
     if bs.drv is None:
         return -errno.ENOMEDIUM

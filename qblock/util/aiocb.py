@@ -33,7 +33,7 @@ class BlockAIOCB:
     cb: Callable[[Any, int], None] | None
     opaque: Any
     refcnt: int = 1
-    id: int = attrs.field(factory=lambda: next(_ids))
+    id: int = attrs.field(factory=_ids.__next__)
 
     @property
     def trace_name(self) -> str:

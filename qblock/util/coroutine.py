@@ -68,10 +68,15 @@ class CoroutineError(RuntimeError):
     """Misuse of a coroutine that QEMU answers with abort()."""
 
 
-_YIELD = "yield"          # what a yielding coroutine hands its caller
-_TERMINATE = "terminate"  # ... and a finished one (or a _Failed carrying its exception)
+# What a yielding coroutine hands its caller: nothing (a switch without arguments, the
+# cheapest greenlet switch, delivers the empty tuple).  A finished one hands _TERMINATE
+# (or a _Failed carrying its exception).
+_YIELD = ()
+_TERMINATE = "terminate"
 _ids = itertools.count(1)
+_next_id = _ids.__next__
 _getcurrent = greenlet.getcurrent
+_new_greenlet = greenlet.greenlet
 
 
 class _Failed:
@@ -95,7 +100,7 @@ class Coroutine:
                  "locks_held", "gr", "id", "terminated", "request_id", "waiting_on",
                  "__weakref__")
 
-    def __init__(self, entry: Callable[[Any], Any], opaque: Any):
+    def __init__(self, entry: Callable[[Any], Any], opaque: Any, co_id: int | None = None):
         self.entry = entry
         self.entry_arg = opaque
         self.caller: Coroutine | None = None
@@ -104,7 +109,7 @@ class Coroutine:
         self.scheduled: str | None = None
         self.locks_held = 0
         self.gr: greenlet.greenlet | None = None
-        self.id = next(_ids)
+        self.id = _next_id() if co_id is None else co_id
         self.terminated = False
         self.request_id: int | None = None
         self.waiting_on: Any = None
@@ -128,18 +133,7 @@ class _ThreadState(threading.local):
         self.ctx = None          # set by IOThreads; None means the main loop's context
         self.is_main = threading.current_thread() is threading.main_thread()
         self.request_id: int | None = None
-        leader = Coroutine.__new__(Coroutine)
-        leader.entry = None
-        leader.entry_arg = None
-        leader.caller = None
-        leader.ctx = None
-        leader.co_queue_wakeup = None
-        leader.scheduled = None
-        leader.locks_held = 0
-        leader.id = 0
-        leader.terminated = False
-        leader.request_id = None
-        leader.waiting_on = None
+        leader = Coroutine(None, None, 0)
         leader.gr = greenlet.getcurrent()
         leader.gr.co = leader
         self.leader = leader
@@ -189,6 +183,7 @@ def qemu_coroutine_create(entry: Callable[[Any], Any], opaque: Any = None) -> Co
 def _trampoline(co: Coroutine) -> Any:
     """Body of every pooled greenlet: run coroutines one after another."""
     pool = _tls.pool
+    gr = _getcurrent()  # this greenlet: co.gr of every coroutine it runs
     while True:
         try:
             co.entry(co.entry_arg)
@@ -201,10 +196,10 @@ def _trampoline(co: Coroutine) -> Any:
         caller = co.caller
         co.caller = None
         co.terminated = True
-        gr = co.gr
         co.gr = None
         if len(pool) < POOL_MAX_SIZE:
             pool.append(gr)
+            # The next coroutine to run here comes back as the switch's value.
             co = caller.gr.switch(ret)
         else:
             gr.parent = caller.gr
@@ -241,13 +236,15 @@ def qemu_aio_coroutine_enter(ctx, co: Coroutine) -> None:
         to.caller = from_
         to.ctx = ctx
         gr = to.gr
-        if gr is None:
-            pool = _tls.pool
-            gr = pool.pop() if pool else greenlet.greenlet(_trampoline)
-            gr.co = to
-            to.gr = gr
         try:
-            ret = gr.switch(to)
+            if gr is not None:
+                ret = gr.switch()  # resume: the value of its qemu_coroutine_yield() is unused
+            else:
+                pool = _tls.pool
+                gr = pool.pop() if pool else _new_greenlet(_trampoline)
+                gr.co = to
+                to.gr = gr
+                ret = gr.switch(to)  # start: the trampoline receives the coroutine to run
         except greenlet.error as e:
             to.caller = None
             raise CoroutineError(f"Co-routine {to.trace_name} cannot be entered from this thread: {e}") from None
@@ -294,7 +291,7 @@ def qemu_coroutine_yield() -> None:
     if _ev_yield.enabled:
         trace_qemu_coroutine_yield(self, to)
     self.caller = None
-    to.gr.switch(_YIELD)
+    to.gr.switch()  # the enterer receives _YIELD, the empty tuple
 
 
 def _not_in_coroutine(name: str) -> CoroutineError:
