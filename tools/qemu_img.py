@@ -17,7 +17,7 @@ command fails the way QEMU does for a driver without the function pointer):
   keys in QAPI order with QAPI names such as ``lazy-refcounts``);
 * ``bdrv_has_zero_init(bs)``, ``bdrv_make_empty(bs)``,
   ``bdrv_change_backing_file(bs, backing_file, backing_fmt)``,
-  ``bdrv_measure(opts: dict, in_bs) -> (required, fully_allocated)``,
+  ``bdrv_measure(opts: dict, in_bs) -> (required, fully_allocated[, bitmaps or None])``,
   ``bdrv_snapshot_list(bs) -> [QEMUSnapshotInfo-like objects]`` (id_str, name, vm_state_size,
   date_sec, date_nsec, vm_clock_nsec, icount), ``bdrv_snapshot_create/goto/delete``.
 
@@ -31,7 +31,6 @@ Differences from qemu-img 7.2:
 * ``convert -C`` (copy offloading) falls back to reads and writes, as qemu-img does when
   copy_range fails; ``--bitmaps`` and ``-l`` (internal snapshots) are refused.
 * ``bitmap`` checks its arguments and then fails: qblock has no persistent bitmaps.
-* ``measure -O qcow2`` needs the qcow2 driver's ``bdrv_measure`` hook.
 """
 from __future__ import annotations
 
@@ -3155,10 +3154,12 @@ def img_dd(argv: list[str]) -> int:
 # measure
 
 
-def bdrv_measure(drv: BlockDriver, opts: CreateOpts, in_bs: BlockDriverState | None) -> tuple[int, int]:
+def bdrv_measure(drv: BlockDriver, opts: CreateOpts, in_bs: BlockDriverState | None) -> tuple[int, int, int | None]:
+    """BlockMeasureInfo as (required, fully-allocated, bitmaps or None when absent)."""
     hook = getattr(drv, "bdrv_measure", None)
     if hook is not None:
-        return hook(opts.to_dict(), in_bs)
+        info = tuple(hook(opts.to_dict(), in_bs))
+        return (info + (None,))[:3]
     if drv.format_name == "raw":
         if in_bs is not None:
             required = bdrv_getlength(in_bs)
@@ -3167,7 +3168,7 @@ def bdrv_measure(drv: BlockDriver, opts: CreateOpts, in_bs: BlockDriverState | N
         else:
             size = opts.get(BLOCK_OPT_SIZE, 0)
             required = -(-int(size) // BDRV_SECTOR_SIZE) * BDRV_SECTOR_SIZE
-        return required, required
+        return required, required, None
     raise Error(f"Block driver '{drv.format_name}' does not support size measurement")
 
 
@@ -3266,14 +3267,19 @@ def img_measure(argv: list[str]) -> int:
         if img_size != -1:
             opts.set_number(BLOCK_OPT_SIZE, img_size)
         try:
-            required, fully = bdrv_measure(drv, opts, blk_bs(in_blk) if in_blk is not None else None)
+            required, fully, bitmaps = bdrv_measure(drv, opts, blk_bs(in_blk) if in_blk is not None else None)
         except Error as e:
             report.error_err(e)
             return 1
         if ofmt == "human":
             sys.stdout.write(f"required size: {required}\nfully allocated size: {fully}\n")
+            if bitmaps is not None:
+                sys.stdout.write(f"bitmaps size: {bitmaps}\n")
         else:
-            sys.stdout.write(util.qobject_to_json_pretty({"required": required, "fully-allocated": fully}) + "\n")
+            info = {"required": required, "fully-allocated": fully}
+            if bitmaps is not None:
+                info["bitmaps"] = bitmaps
+            sys.stdout.write(util.qobject_to_json_pretty(info) + "\n")
         return 0
     finally:
         blk_unref(in_blk)

@@ -13,7 +13,9 @@ One driver class with QEMU's hook names.  Metadata is handled under
   possible), then ``qcow2_handle_l2meta`` links the new clusters;
 * write zeroes (v3 zero flag; MAY_UNMAP frees the clusters), discard,
   compressed writes, flush (``qcow2_write_caches``: L2 tables, then
-  refcount blocks, in dependency order), truncate, block status, info.
+  refcount blocks, in dependency order), truncate, block status, info;
+* whole-image hooks for qemu-img (specific info, measure, zero init,
+  make empty in ``qcow2_info``; amend in ``qcow2_amend``).
 
 FUA is emulated by the block layer (a flush after the write), as for QEMU's
 qcow2.  Later QEMU runs the parts of a request as parallel aio tasks; qblock
@@ -70,6 +72,7 @@ from .qcow2_cluster import (
     qcow2_grow_l1_table,
 )
 from .qcow2_cluster_alloc import qcow2_alloc_cluster_abort, qcow2_alloc_cluster_link_l2, qcow2_alloc_cluster_offset
+from .qcow2_amend import qcow2_amend_options, qcow2_amend_opts
 from .qcow2_create import qcow2_co_create_opts, qcow2_create_opts
 from .qcow2_h import (
     BDRVQcow2State,
@@ -90,6 +93,7 @@ from .qcow2_h import (
     qcow2_vm_state_offset,
     size_to_l1,
 )
+from .qcow2_info import qcow2_get_specific_info, qcow2_has_zero_init, qcow2_make_empty, qcow2_measure
 from .qcow2_header import (
     qcow2_do_open,
     qcow2_is_broken,
@@ -248,6 +252,27 @@ class Qcow2Driver(BlockDriver):
 
     def bdrv_co_create_opts(self, filename: str, options: dict) -> int:
         return qcow2_co_create_opts(filename, options)
+
+    # -- whole-image operations (qcow2_info, qcow2_amend) --------------------
+
+    amend_opts = qcow2_amend_opts
+
+    def bdrv_get_specific_info(self, bs) -> dict:
+        return qcow2_get_specific_info(bs)
+
+    def bdrv_measure(self, opts: dict, in_bs) -> tuple[int, int, int | None]:
+        """(required, fully allocated, bitmaps size or None); raises Error."""
+        return qcow2_measure(self, opts, in_bs)
+
+    def bdrv_has_zero_init(self, bs) -> int:
+        return qcow2_has_zero_init(bs)
+
+    def bdrv_make_empty(self, bs) -> int:
+        return _run_locked(bs, qcow2_make_empty, bs)
+
+    def bdrv_amend_options(self, bs, options: dict, status_cb, force: bool) -> int:
+        """Change the options given (qemu-img amend); raises Error with QEMU's messages."""
+        return qcow2_amend_options(bs, options, status_cb, force)
 
     # -- read -------------------------------------------------------------
 

@@ -8,20 +8,23 @@
 * allocating writes are in ``qcow2_cluster_alloc`` (the second half of
   QEMU's file);
 * ``qcow2_alloc_compressed_cluster_offset``, ``qcow2_cluster_discard``,
-  ``qcow2_cluster_zeroize``.
+  ``qcow2_cluster_zeroize``;
+* ``qcow2_expand_zero_clusters`` (amend's downgrade to compat=0.10): zero
+  clusters become data clusters, in snapshots too.
 
 Runs under ``s->lock``.
-Left out: subclusters, encryption, snapshot-only helpers (expanding zero
-clusters for a downgrade).
+Left out: subclusters, encryption.
 """
 from __future__ import annotations
 
 import errno
 import struct
+from typing import Any, Callable
 
 from qblock.block.driver import BDRV_REQ_MAY_UNMAP, BDRV_SECTOR_BITS, BlkdebugEvent
 from qblock.block.graph import bdrv_getlength
-from qblock.block.io import BLKDBG_EVENT, bdrv_co_pwrite_sync
+from qblock.block.io import BLKDBG_EVENT, bdrv_co_pread, bdrv_co_pwrite, bdrv_co_pwrite_sync, bdrv_co_pwrite_zeroes
+from qblock.util.error import Error, error_report
 from qblock.trace.events import (
     trace_qcow2_l2_allocate,
     trace_qcow2_l2_allocate_done,
@@ -31,6 +34,8 @@ from qblock.trace.events import (
 )
 
 from .qcow2_cache import (
+    qcow2_cache_depends_on_flush,
+    qcow2_cache_empty,
     qcow2_cache_entry_mark_dirty,
     qcow2_cache_flush,
     qcow2_cache_get,
@@ -54,6 +59,8 @@ from .qcow2_h import (
     QCOW2_DISCARD_OTHER,
     QCOW2_DISCARD_REQUEST,
     QCOW2_OL_ACTIVE_L1,
+    QCOW2_OL_ACTIVE_L2,
+    QCOW2_OL_INACTIVE_L2,
     QCOW_MAX_L1_SIZE,
     QCOW_OFLAG_COMPRESSED,
     QCOW_OFLAG_COPIED,
@@ -64,6 +71,7 @@ from .qcow2_h import (
     offset_to_l1_index,
     offset_to_l2_index,
     qcow2_get_cluster_type,
+    refcount_diff,
     size_to_clusters,
 )
 from .qcow2_refcount import (
@@ -71,7 +79,9 @@ from .qcow2_refcount import (
     qcow2_alloc_clusters,
     qcow2_free_any_clusters,
     qcow2_free_clusters,
+    qcow2_get_refcount,
     qcow2_process_discards,
+    qcow2_update_cluster_refcount,
 )
 from .qcow2_overlap import qcow2_pre_write_overlap_check
 
@@ -425,3 +435,131 @@ def qcow2_cluster_zeroize(bs, offset: int, nbytes: int, flags: int) -> int:
     s.cache_discards = False
     qcow2_process_discards(bs, ret)
     return ret
+
+
+# --------------------------------------------------------------------------
+# Zero clusters into data clusters (for a downgrade to compat=0.10)
+
+# status_cb(bs, offset, total_work_size), as QEMU's BlockDriverAmendStatusCB without the opaque pointer.
+StatusCB = Callable[[Any, int, int], None]
+
+
+def expand_zero_clusters_in_l1(bs, l1_table: list, is_active_l1: bool, visited: list,
+                               l1_entries: int, status_cb: StatusCB | None) -> int:
+    """Zero clusters of one L1 table become data clusters (unbacked plain ones are just dropped): 0 or -errno."""
+    s = bs.opaque
+    for i, l1_entry in enumerate(l1_table):
+        l2_offset = l1_entry & L1E_OFFSET_MASK
+        if not l2_offset:
+            visited[0] += 1
+            if status_cb is not None:
+                status_cb(bs, visited[0], l1_entries)
+            continue
+        if offset_into_cluster(s, l2_offset):
+            return _corrupt(bs, f"L2 table offset {c_hex(l2_offset)} unaligned (L1 index: {c_hex(i)})")
+        ret, l2_refcount = qcow2_get_refcount(bs, l2_offset >> s.cluster_bits)
+        if ret < 0:
+            return ret
+        # qblock caches whole L2 tables: one slice per table.
+        if is_active_l1:
+            ret, l2_table = qcow2_cache_get(bs, s.l2_table_cache, l2_offset)
+        else:
+            l2_table = bytearray(s.cluster_size)
+            ret = bdrv_co_pread(bs.file, l2_offset, s.cluster_size, l2_table)
+        if ret < 0:
+            return ret
+        l2_dirty = False
+        ret = 0
+        try:
+            for j in range(s.l2_size):
+                l2_entry = l2_entry_get(l2_table, j)
+                cluster_type = qcow2_get_cluster_type(l2_entry)
+                if cluster_type not in (QCOW2_CLUSTER_ZERO_PLAIN, QCOW2_CLUSTER_ZERO_ALLOC):
+                    continue
+                offset = l2_entry & L2E_OFFSET_MASK
+                if cluster_type == QCOW2_CLUSTER_ZERO_PLAIN:
+                    if bs.backing is None:
+                        # Nothing below: an unallocated cluster reads as zeroes too.
+                        l2_entry_set(l2_table, j, 0)
+                        l2_dirty = True
+                        continue
+                    offset = qcow2_alloc_clusters(bs, s.cluster_size)
+                    if offset < 0:
+                        ret = offset
+                        break
+                    if l2_refcount > 1:
+                        # A shared L2 table: the new cluster is shared as often.
+                        ret = qcow2_update_cluster_refcount(bs, offset >> s.cluster_bits,
+                                                            refcount_diff(1, l2_refcount), False, QCOW2_DISCARD_OTHER)
+                        if ret < 0:
+                            qcow2_free_clusters(bs, offset, s.cluster_size, QCOW2_DISCARD_OTHER)
+                            break
+
+                def drop_new_cluster() -> None:
+                    if cluster_type == QCOW2_CLUSTER_ZERO_PLAIN:
+                        qcow2_free_clusters(bs, offset, s.cluster_size, QCOW2_DISCARD_ALWAYS)
+
+                if offset_into_cluster(s, offset):
+                    ret = _corrupt(bs, f"Cluster allocation offset {c_hex(offset)} unaligned "
+                                       f"(L2 offset: {c_hex(l2_offset)}, L2 index: {c_hex(j)})")
+                    drop_new_cluster()
+                    break
+                ret = qcow2_pre_write_overlap_check(bs, 0, offset, s.cluster_size)
+                if ret >= 0:
+                    ret = bdrv_co_pwrite_zeroes(bs.file, offset, s.cluster_size, 0)
+                if ret < 0:
+                    drop_new_cluster()
+                    break
+                l2_entry_set(l2_table, j, offset | QCOW_OFLAG_COPIED if l2_refcount == 1 else offset)
+                l2_dirty = True
+            if ret >= 0:
+                ret = 0
+            if ret == 0 and l2_dirty:
+                if is_active_l1:
+                    qcow2_cache_entry_mark_dirty(s.l2_table_cache, l2_table)
+                    qcow2_cache_depends_on_flush(s.l2_table_cache)
+                else:
+                    ret = qcow2_pre_write_overlap_check(bs, QCOW2_OL_INACTIVE_L2 | QCOW2_OL_ACTIVE_L2,
+                                                        l2_offset, s.cluster_size)
+                    if ret >= 0:
+                        ret = bdrv_co_pwrite(bs.file, l2_offset, s.cluster_size, l2_table)
+        finally:
+            if is_active_l1:
+                qcow2_cache_put(s.l2_table_cache, l2_table)
+        if ret < 0:
+            return ret
+        visited[0] += 1
+        if status_cb is not None:
+            status_cb(bs, visited[0], l1_entries)
+    return 0
+
+
+def qcow2_expand_zero_clusters(bs, status_cb: StatusCB | None) -> int:
+    """Make the image readable without the v3 zero flag, in the active layer and every snapshot: 0 or -errno."""
+    from .qcow2_header import qcow2_validate_table
+    s = bs.opaque
+    l1_entries = s.l1_size + sum(sn.l1_size for sn in s.snapshots) if status_cb is not None else 0
+    visited = [0]
+    ret = expand_zero_clusters_in_l1(bs, s.l1_table, True, visited, l1_entries, status_cb)
+    if ret < 0:
+        return ret
+    # Snapshot L1 tables may point at active L2 tables, which are changed on disk from now on: write the
+    # cache back and forget it.
+    ret = qcow2_cache_empty(bs, s.l2_table_cache)
+    if ret < 0:
+        return ret
+    for sn in s.snapshots:
+        try:
+            qcow2_validate_table(s, sn.l1_table_offset, sn.l1_size, L1E_SIZE, QCOW_MAX_L1_SIZE, "Snapshot L1 table")
+        except Error as e:
+            error_report(e.msg)
+            return -(e.errno or errno.EINVAL)
+        raw = bytearray(sn.l1_size * L1E_SIZE)
+        ret = bdrv_co_pread(bs.file, sn.l1_table_offset, len(raw), raw)
+        if ret < 0:
+            return ret
+        l1_table = list(struct.unpack(f">{sn.l1_size}Q", raw))
+        ret = expand_zero_clusters_in_l1(bs, l1_table, False, visited, l1_entries, status_cb)
+        if ret < 0:
+            return ret
+    return 0

@@ -57,6 +57,18 @@ from .qcow2_h import (
     QCOW_MAGIC,
 )
 
+# QEMU's QCOW_COMMON_OPTIONS: the options create and amend share, in the order -o help lists them.
+QCOW_COMMON_OPTIONS = [
+    QemuOptDesc("size", QEMU_OPT_SIZE, "Virtual disk size"),
+    QemuOptDesc("compat", QEMU_OPT_STRING, "Compatibility level (v2 [0.10] or v3 [1.1])"),
+    QemuOptDesc("backing_file", QEMU_OPT_STRING, "File name of a base image"),
+    QemuOptDesc("backing_fmt", QEMU_OPT_STRING, "Image format of the base image"),
+    QemuOptDesc("data_file", QEMU_OPT_STRING, "File name of an external data file"),
+    QemuOptDesc("data_file_raw", QEMU_OPT_BOOL, "The external data file must stay valid as a raw image"),
+    QemuOptDesc("lazy_refcounts", QEMU_OPT_BOOL, "Postpone refcount updates", "off"),
+    QemuOptDesc("refcount_bits", QEMU_OPT_NUMBER, "Width of a reference count entry in bits", "16"),
+]
+
 qcow2_create_opts = QemuOptsList("qcow2-create-opts", [
     QemuOptDesc("encryption", QEMU_OPT_BOOL, "Encrypt the image with format 'aes'. (Deprecated in favor of "
                 "encrypt.format=aes)"),
@@ -66,14 +78,7 @@ qcow2_create_opts = QemuOptsList("qcow2-create-opts", [
     QemuOptDesc("preallocation", QEMU_OPT_STRING, "Preallocation mode (allowed values: off, metadata, falloc, full)"),
     QemuOptDesc("compression_type", QEMU_OPT_STRING, "Compression method used for image cluster compression",
                 "zlib"),
-    QemuOptDesc("size", QEMU_OPT_SIZE, "Virtual disk size"),
-    QemuOptDesc("compat", QEMU_OPT_STRING, "Compatibility level (v2 [0.10] or v3 [1.1])"),
-    QemuOptDesc("backing_file", QEMU_OPT_STRING, "File name of a base image"),
-    QemuOptDesc("backing_fmt", QEMU_OPT_STRING, "Image format of the base image"),
-    QemuOptDesc("data_file", QEMU_OPT_STRING, "File name of an external data file"),
-    QemuOptDesc("data_file_raw", QEMU_OPT_BOOL, "The external data file must stay valid as a raw image"),
-    QemuOptDesc("lazy_refcounts", QEMU_OPT_BOOL, "Postpone refcount updates", "off"),
-    QemuOptDesc("refcount_bits", QEMU_OPT_NUMBER, "Width of a reference count entry in bits", "16"),
+    *QCOW_COMMON_OPTIONS,
 ])
 
 

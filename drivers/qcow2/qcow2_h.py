@@ -222,7 +222,7 @@ class QCowL2Meta:
 
 @attrs.define(eq=False)
 class QCowSnapshot:
-    """What qblock reads of an internal snapshot (QEMU's QCowSnapshot, without the VM state)."""
+    """One entry of the snapshot table (QEMU's QCowSnapshot); ``icount`` is -1 when the entry has none."""
 
     l1_table_offset: int = 0
     l1_size: int = 0
@@ -233,7 +233,9 @@ class QCowSnapshot:
     date_sec: int = 0
     date_nsec: int = 0
     vm_clock_nsec: int = 0
+    icount: int = -1
     extra_data_size: int = 0
+    unknown_extra_data: bytes = b""     # extra data past the fields qblock knows, kept byte for byte
 
 
 @attrs.define(eq=False)

@@ -17,10 +17,11 @@ memory) points to refcount blocks, which live in the refcount block cache.
 * freeing: ``qcow2_free_clusters``/``qcow2_free_any_clusters``; clusters that
   drop to 0 may be discarded in the file (``pass-discard-*`` options);
 
-Runs under ``s->lock``.  Left out: snapshot refcount updates, refcount
-order changes (amend), ``qcow2_shrink_reftable``.  The rest of QEMU's file
-is split off: the consistency check is in ``qcow2_check``, the overlap
-checks in ``qcow2_overlap``, ``qcow2_write_caches`` in ``qcow2_cache``.
+Runs under ``s->lock``.  Left out: snapshot refcount updates,
+``qcow2_shrink_reftable``.  The rest of QEMU's file is split off: the
+consistency check is in ``qcow2_check``, the overlap checks in
+``qcow2_overlap``, ``qcow2_write_caches`` in ``qcow2_cache``, refcount width
+changes (``qcow2_change_refcount_order``, for amend) in ``qcow2_refcount_order``.
 """
 from __future__ import annotations
 
