@@ -242,7 +242,6 @@ class FileDriver(BlockDriver):
     runtime_opts = raw_runtime_opts
     create_opts = file_create_opts
     bdrv_needs_filename = True
-    has_variable_length = True
 
     def bdrv_parse_filename(self, filename: str, options: dict) -> None:
         # "file:" is an optional prefix
