@@ -26,7 +26,14 @@ import attrs
 
 from qblock.trace.events import trace_thread_pool_cancel, trace_thread_pool_complete, trace_thread_pool_submit
 from qblock.util import aio as _aio
-from qblock.util.aio import AioContext, aio_bh_new, aio_co_wake, qemu_bh_schedule, qemu_get_current_aio_context
+from qblock.util.aio import (
+    AioContext,
+    aio_bh_new,
+    aio_co_wake,
+    qemu_bh_cancel,
+    qemu_bh_schedule,
+    qemu_get_current_aio_context,
+)
 from qblock.util.coroutine import coroutine_fn, qemu_coroutine_self, qemu_coroutine_yield
 
 __all__ = ["ThreadPool", "ThreadPoolElement", "aio_get_thread_pool", "thread_pool_submit_aio",
@@ -96,27 +103,32 @@ class ThreadPool:
             _aio._idle_helper_threads += delta
 
     def _worker(self) -> None:
-        with self.lock:
+        lock = self.lock
+        lock.acquire()
+        try:
             while not self.stopping:
                 if not self.request_list:
                     self._set_idle(+1)
-                    got = self.request_cond.wait_for(lambda: self.request_list or self.stopping,
-                                                     timeout=IDLE_TIMEOUT_S)
+                    got = self.request_cond.wait(IDLE_TIMEOUT_S)
                     self._set_idle(-1)
-                    if not got or self.stopping:
-                        break
+                    if not got and not self.request_list:
+                        break   # timed out with nothing to do: this thread ends
+                    continue
                 req = self.request_list.popleft()
                 req.state = THREAD_ACTIVE
-                self.lock.release()
+                lock.release()
+                # As QEMU's worker_thread: the job, its result, then the BH, all without the pool lock,
+                # so the AioContext woken by the BH does not wait for this thread to let go of it.
                 try:
-                    ret = _run_job(req)
+                    req.ret = _run_job(req)
+                    req.state = THREAD_DONE
+                    qemu_bh_schedule(self.completion_bh)
                 finally:
-                    self.lock.acquire()
-                req.ret = ret
-                req.state = THREAD_DONE
-                qemu_bh_schedule(self.completion_bh)
+                    lock.acquire()
             self.cur_threads -= 1
             self.request_cond.notify_all()
+        finally:
+            lock.release()
 
     # -- completion, in the pool's context ------------------------------
 
@@ -137,12 +149,16 @@ class ThreadPool:
             self.ctx.busy -= 1
             if trace_thread_pool_complete.event.enabled:
                 trace_thread_pool_complete(self, elem, elem.opaque, elem.ret)
-            # Another element may finish while the callback runs a nested poll.
-            qemu_bh_schedule(self.completion_bh)
             if elem.exc is not None:
+                qemu_bh_schedule(self.completion_bh)   # the other finished elements still complete
                 raise elem.exc
             if elem.cb is not None:
+                # Scheduled again in case the callback runs a nested aio_poll waiting for another
+                # element that finished meanwhile; cancelled after it, since the loop looks again.
+                qemu_bh_schedule(self.completion_bh)
                 elem.cb(elem.opaque, elem.ret)
+                if not (thread_pool_inline and self.request_list):   # (inline: jobs queued by cb run next time)
+                    qemu_bh_cancel(self.completion_bh)
 
     def free(self) -> None:
         with self.lock:
