@@ -19,7 +19,7 @@ writes new refcount blocks and a new table from the IMRT, then the header.
 
 Left out (QEMU has them): subclusters and external data files (qblock opens
 neither), persistent bitmaps (their clusters show up as leaks), encryption
-headers, rewriting a damaged snapshot table (see
+headers, discarding overhanging snapshots (see
 ``qcow2_check_read_snapshot_table``).
 """
 from __future__ import annotations
@@ -745,7 +745,7 @@ def qcow2_co_check_locked(bs, result: BdrvCheckResult, fix: int) -> int:
     """The snapshot table, then the refcounts; a repair that leaves no corruption also clears the dirty and
     corrupt bits (QEMU's qcow2_co_check_locked, block/qcow2.c).  Runs under s->lock; 0 or -errno."""
     from .qcow2_header import qcow2_mark_clean, qcow2_mark_consistent
-    from .qcow2_snapshot import qcow2_check_read_snapshot_table
+    from .qcow2_snapshot import qcow2_check_fix_snapshot_table, qcow2_check_read_snapshot_table
     result.clear()
     snapshot_res = BdrvCheckResult()
     refcount_res = BdrvCheckResult()
@@ -755,7 +755,11 @@ def qcow2_co_check_locked(bs, result: BdrvCheckResult, fix: int) -> int:
         return ret
     ret = qcow2_check_refcounts(bs, refcount_res, fix)
     _add_check_result(result, refcount_res, True)
-    _add_check_result(result, snapshot_res, False)     # (qcow2_check_fix_snapshot_table: nothing to rewrite)
+    if ret < 0:
+        _add_check_result(result, snapshot_res, False)
+        return ret
+    ret = qcow2_check_fix_snapshot_table(bs, snapshot_res, fix)
+    _add_check_result(result, snapshot_res, False)
     if ret < 0:
         return ret
     if fix and not result.check_errors and not result.corruptions:

@@ -9,8 +9,9 @@ them when it is rewritten.  ``qcow2_write_snapshots`` writes the table anew
 (amend's upgrade to compat=1.1 needs it).  Creating, applying and deleting
 snapshots (``qemu-img snapshot -c/-a/-d``) are not implemented.
 ``qcow2_check_read_snapshot_table`` is the check's reading of the table
-(BDRV_O_CHECK opens skip it); it reports what QEMU reports but does not
-repair a damaged table.
+(BDRV_O_CHECK opens skip it) and ``qcow2_check_fix_snapshot_table`` its
+repair: incomplete v3 entries are written back whole.  A table with more
+than QCOW_MAX_SNAPSHOTS entries is reported, not cut down.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import errno
 import struct
 import sys
 
+from qblock.block.check import BDRV_FIX_ERRORS
 from qblock.block.io import bdrv_co_pread, bdrv_co_pwrite, bdrv_co_pwrite_sync
 from qblock.util.error import Error, error_report, error_setg_errno, strerror
 
@@ -94,8 +96,8 @@ def qcow2_read_snapshots(bs) -> None:
 def qcow2_check_read_snapshot_table(bs, result, fix: int) -> int:
     """Read the snapshot table for a check, counting what is wrong with it in ``result``: 0 or -errno.
 
-    As QEMU's, except that nothing is repaired: qblock cannot rewrite the
-    table, so overhanging snapshots and incomplete entries stay corruptions.
+    As QEMU's for incomplete v3 entries (repaired by qcow2_check_fix_snapshot_table); overhanging
+    snapshots are reported but not discarded.
     """
     from .qcow2_header import qcow2_validate_table
     s = bs.opaque
@@ -129,7 +131,26 @@ def qcow2_check_read_snapshot_table(bs, result, fix: int) -> int:
         for i, sn in enumerate(s.snapshots):
             if sn.extra_data_size < 16:
                 result.corruptions += 1
-                sys.stderr.write(f"ERROR snapshot table entry {i} is incomplete\n")
+                what = "Repairing" if fix & BDRV_FIX_ERRORS else "ERROR"
+                sys.stderr.write(f"{what} snapshot table entry {i} is incomplete\n")
+    return 0
+
+
+def qcow2_check_fix_snapshot_table(bs, result, fix: int) -> int:
+    """After the refcount check: write the table anew when it had corruptions and errors are being fixed.
+
+    ``qcow2_write_snapshots`` writes every entry with its whole extra data, which is the repair of an
+    incomplete entry.  0 or -errno.
+    """
+    if not (result.corruptions and fix & BDRV_FIX_ERRORS):
+        return 0
+    ret = qcow2_write_snapshots(bs)
+    if ret < 0:
+        result.check_errors += 1
+        sys.stderr.write(f"ERROR failed to update snapshot table: {strerror(-ret)}\n")
+        return ret
+    result.corruptions_fixed += result.corruptions
+    result.corruptions = 0
     return 0
 
 
