@@ -105,6 +105,7 @@ from qblock.block.graph import (
     path_has_protocol,
 )
 from qblock.block.check import BDRV_FIX_ERRORS, BDRV_FIX_LEAKS, BdrvCheckResult, bdrv_check
+from qblock.qmp.qjson import qobject_to_json, qobject_to_json_pretty
 from qblock.util.aio import aio_poll, qemu_get_aio_context
 from qblock.util.error import Error
 from qblock.util.iov import QEMUIOVector
@@ -226,16 +227,55 @@ class Opts:
         return self.g.argv[self.g.optind:]
 
 
+@attrs.define
+class CommonOpts:
+    """What the options most commands share set: ``-f``, ``--object``, ``--image-opts``, ``-U``, ``-q``.
+
+    Each command's getopt string still decides which of them it accepts; :meth:`parse` only
+    records the ones getopt hands over.
+    """
+
+    fmt: str | None = None
+    objects: list[str] = attrs.Factory(list)
+    image_opts: bool = False
+    force_share: bool = False
+    quiet: bool = False
+
+    def parse(self, c: str, arg: str | None) -> bool:
+        """Record option ``c``; True when it is one of the shared options, False for the caller's."""
+        if c == "f":
+            self.fmt = arg
+        elif c == "object":
+            self.objects.append(arg)
+        elif c == "image-opts":
+            self.image_opts = True
+        elif c == "U":
+            self.force_share = True
+        elif c == "q":
+            self.quiet = True
+        else:
+            return False
+        return True
+
+
+def one_image_file_name(rest: list[str], msg: str = "Expecting one image file name") -> str:
+    """The single operand a command takes, or error_exit with ``msg``."""
+    if len(rest) != 1:
+        error_exit(msg)
+    return rest[0]
+
+
 def add_objects(objects: list[str]) -> bool:
     """user_creatable_process_cmdline for every --object; False after reporting an error."""
-    from qblock.block.throttle_groups import user_creatable_process_cmdline
-    for obj in objects:
-        try:
-            user_creatable_process_cmdline(obj)
-        except Error as e:
-            report.error_err(e)
-            return False
-    return True
+    return util.user_creatable_add_objects(report, objects)
+
+
+def accumulate_options(options: str | None, optarg: str) -> str | None:
+    """qemu-img.c's accumulate_options: ``-o`` lists joined with ','; None after reporting an invalid one."""
+    if not is_valid_option_list(optarg):
+        report.error(f"Invalid option list: {optarg}")
+        return None
+    return optarg if options is None else f"{options},{optarg}"
 
 
 # --------------------------------------------------------------------------
@@ -250,15 +290,7 @@ def img_open_opts(optstr: str, options: dict, flags: int, writethrough: bool, qu
             report.error("--force-share/-U conflicts with image options")
             return None
         options["force-share"] = "on"
-    options.update({k: v for k, v in util.cache_options(flags).items() if k not in options})
-    try:
-        check_force_share(options, flags)
-        blk = blk_new_open(None, None, options, flags)
-    except Error as e:
-        report.error_err(e, f"Could not open '{optstr}': ")
-        return None
-    blk_set_enable_write_cache(blk, not writethrough)
-    return blk
+    return _blk_new_open(None, optstr, options, flags, writethrough)
 
 
 def img_open_file(filename: str, options: dict | None, fmt: str | None, flags: int, writethrough: bool,
@@ -268,12 +300,18 @@ def img_open_file(filename: str, options: dict | None, fmt: str | None, flags: i
         options["driver"] = fmt
     if force_share:
         options["force-share"] = "on"
+    return _blk_new_open(filename, filename, options, flags, writethrough)
+
+
+def _blk_new_open(filename: str | None, optstr: str, options: dict, flags: int,
+                  writethrough: bool) -> BlockBackend | None:
+    """blk_new_open with the cache flags as options; "Could not open '<optstr>'" on failure."""
     options.update({k: v for k, v in util.cache_options(flags).items() if k not in options})
     try:
         check_force_share(options, flags)
         blk = blk_new_open(filename, None, options, flags)
     except Error as e:
-        report.error_err(e, f"Could not open '{filename}': ")
+        report.error_err(e, f"Could not open '{optstr}': ")
         return None
     blk_set_enable_write_cache(blk, not writethrough)
     return blk
@@ -295,8 +333,13 @@ def img_open(image_opts: bool, filename: str, fmt: str | None, flags: int, write
     return img_open_file(filename, None, fmt, flags, writethrough, quiet, force_share)
 
 
-def parse_cache(mode: str, flags: int) -> tuple[int, int, bool]:
-    return util.bdrv_parse_cache_mode(mode, flags)
+def parse_cache(mode: str, flags: int, what: str = "cache") -> tuple[int, bool] | None:
+    """bdrv_parse_cache_mode: (flags, writethrough), or None after "Invalid <what> option: <mode>"."""
+    r, flags, writethrough = util.bdrv_parse_cache_mode(mode, flags)
+    if r < 0:
+        report.error(f"Invalid {what} option: {mode}")
+        return None
+    return flags, writethrough
 
 
 # --------------------------------------------------------------------------
@@ -399,20 +442,18 @@ def bdrv_refresh_filename(bs: BlockDriverState) -> tuple[str, str, dict]:
         if pexact and primary.drv is not None and primary.drv.bdrv_file_open is not None and \
                 not drv.is_filter and not strong_found:
             exact = pexact
-    filename = exact if exact else "json:" + _json_compact(opts)
+    filename = exact if exact else "json:" + qobject_to_json(_json_options(opts))
     return exact, filename, opts
 
 
-def _json_compact(obj: Any) -> str:
+def _json_options(obj: Any) -> Any:
+    """Options as the QDict behind a ``json:`` filename holds them: values other than numbers,
+    booleans and null as strings."""
     if isinstance(obj, dict):
-        return "{" + ", ".join(f"{util._json_str(k)}: {_json_compact(obj[k])}" for k in util.qdict_order(obj)) + "}"
-    if isinstance(obj, bool):
-        return "true" if obj else "false"
-    if isinstance(obj, int):
-        return str(obj)
-    if obj is None:
-        return "null"
-    return util._json_str(str(obj))
+        return {k: _json_options(v) for k, v in obj.items()}
+    if obj is None or isinstance(obj, (bool, int)):
+        return obj
+    return str(obj)
 
 
 def bdrv_filename(bs: BlockDriverState) -> str:
@@ -833,33 +874,43 @@ def bdrv_create(drv: BlockDriver, filename: str, opts: CreateOpts) -> None:
     _create.bdrv_create(drv, filename, options)
 
 
-def bdrv_img_create(filename: str, fmt: str, base_filename: str | None, base_fmt: str | None,
-                    options: str | None, img_size: int, flags: int, quiet: bool) -> None:
-    """block.c bdrv_img_create: parse options, check the backing file, print Formatting, create. Raises Error."""
-    drv = bdrv_find_format(fmt)
-    if drv is None:
-        raise Error(f"Unknown file format '{fmt}'")
+def img_create_opts(drv: BlockDriver, filename: str) -> CreateOpts:
+    """The creation options of format ``drv`` over the protocol of ``filename``; raises Error."""
     proto = bdrv_find_protocol(filename, True)
     fmt_opts = driver_create_opts(drv)
     if fmt_opts is None:
         raise Error(f"Format driver '{drv.format_name}' does not support image creation")
     if proto.create_opts is None:
         raise Error(f"Protocol driver '{proto.format_name}' does not support image creation")
-    opts = CreateOpts(qemu_opts_append(fmt_opts, proto.create_opts))
+    return CreateOpts(qemu_opts_append(fmt_opts, proto.create_opts))
+
+
+def set_backing_opts(opts: CreateOpts, fmt: str, backing_file: str | None, backing_fmt: str | None) -> None:
+    """Set backing_file and backing_fmt when given; raises Error when format ``fmt`` has no such option."""
+    if backing_file:
+        if opts.find(BLOCK_OPT_BACKING_FILE) is None:
+            raise Error(f"Backing file not supported for file format '{fmt}'")
+        opts.set(BLOCK_OPT_BACKING_FILE, backing_file)
+    if backing_fmt:
+        if opts.find(BLOCK_OPT_BACKING_FMT) is None:
+            raise Error(f"Backing file format not supported for file format '{fmt}'")
+        opts.set(BLOCK_OPT_BACKING_FMT, backing_fmt)
+
+
+def bdrv_img_create(filename: str, fmt: str, base_filename: str | None, base_fmt: str | None,
+                    options: str | None, img_size: int, flags: int, quiet: bool) -> None:
+    """block.c bdrv_img_create: parse options, check the backing file, print Formatting, create. Raises Error."""
+    drv = bdrv_find_format(fmt)
+    if drv is None:
+        raise Error(f"Unknown file format '{fmt}'")
+    opts = img_create_opts(drv, filename)
     if options:
         opts.do_parse(options)
     if opts.get_str(BLOCK_OPT_SIZE) is None:
         opts.set_number(BLOCK_OPT_SIZE, img_size)
     elif img_size != -1:
         raise Error("The image size must be specified only once")
-    if base_filename:
-        if opts.find(BLOCK_OPT_BACKING_FILE) is None:
-            raise Error(f"Backing file not supported for file format '{fmt}'")
-        opts.set(BLOCK_OPT_BACKING_FILE, base_filename)
-    if base_fmt:
-        if opts.find(BLOCK_OPT_BACKING_FMT) is None:
-            raise Error(f"Backing file format not supported for file format '{fmt}'")
-        opts.set(BLOCK_OPT_BACKING_FMT, base_fmt)
+    set_backing_opts(opts, fmt, base_filename, base_fmt)
     backing_file = opts.get_str(BLOCK_OPT_BACKING_FILE)
     if backing_file is not None:
         if filename == backing_file:
@@ -1058,38 +1109,32 @@ HELP = ("help", N, "h")
 
 
 def img_create(argv: list[str]) -> int:
-    fmt = "raw"
     base_fmt = base_filename = None
     options: str | None = None
-    quiet = False
     flags = 0
-    objects: list[str] = []
+    common = CommonOpts(fmt="raw")
     o = Opts(argv, ":F:b:f:ho:qu", [HELP, OBJECT])
     for c, arg in o:
+        if common.parse(c, arg):
+            continue
         if c == "F":
             base_fmt = arg
         elif c == "b":
             base_filename = arg
-        elif c == "f":
-            fmt = arg
         elif c == "o":
-            if not is_valid_option_list(arg):
-                report.error(f"Invalid option list: {arg}")
+            options = accumulate_options(options, arg)
+            if options is None:
                 return 1
-            options = arg if options is None else f"{options},{arg}"
-        elif c == "q":
-            quiet = True
         elif c == "u":
             flags |= BDRV_O_NO_BACKING
-        elif c == "object":
-            objects.append(arg)
+    fmt = common.fmt
     rest = o.rest
     filename = rest[0] if rest else None
     if options and has_help_option(options):
         return print_block_option_help(filename, fmt)
     if not rest:
         error_exit("Expecting image file name")
-    if not add_objects(objects):
+    if not add_objects(common.objects):
         return 1
     img_size = -1
     if len(rest) > 1:
@@ -1100,7 +1145,7 @@ def img_create(argv: list[str]) -> int:
     if len(rest) > 2:
         error_exit(f"Unexpected argument: {rest[2]}")
     try:
-        bdrv_img_create(filename, fmt, base_filename, base_fmt, options, img_size, flags, quiet)
+        bdrv_img_create(filename, fmt, base_filename, base_fmt, options, img_size, flags, common.quiet)
     except Error as e:
         report.error_err(e, f"{filename}: ")
         return 1
@@ -1159,18 +1204,17 @@ def dump_human_image_check(check: dict, quiet: bool) -> None:
 
 
 def img_check(argv: list[str]) -> int:
-    fmt = output = None
+    output = None
     cache = BDRV_DEFAULT_CACHE
     fix = 0
     flags = BDRV_O_CHECK
-    quiet = image_opts = force_share = False
-    objects: list[str] = []
+    common = CommonOpts()
     o = Opts(argv, ":hf:r:T:qU", [HELP, ("format", R, "f"), ("repair", R, "r"), ("output", R, "output"),
                                    OBJECT, IMAGE_OPTS, FORCE_SHARE])
     for c, arg in o:
-        if c == "f":
-            fmt = arg
-        elif c == "r":
+        if common.parse(c, arg):
+            continue
+        if c == "r":
             flags |= BDRV_O_RDWR
             if arg == "leaks":
                 fix = BDRV_FIX_LEAKS
@@ -1182,28 +1226,18 @@ def img_check(argv: list[str]) -> int:
             output = arg
         elif c == "T":
             cache = arg
-        elif c == "q":
-            quiet = True
-        elif c == "U":
-            force_share = True
-        elif c == "object":
-            objects.append(arg)
-        elif c == "image-opts":
-            image_opts = True
-    rest = o.rest
-    if len(rest) != 1:
-        error_exit("Expecting one image file name")
-    filename = rest[0]
+    filename = one_image_file_name(o.rest)
     ofmt = parse_output(output)
     if ofmt is None:
         return 1
-    if not add_objects(objects):
+    if not add_objects(common.objects):
         return 1
-    r, flags, writethrough = parse_cache(cache, flags)
-    if r < 0:
-        report.error(f"Invalid source cache option: {cache}")
+    parsed = parse_cache(cache, flags, "source cache")
+    if parsed is None:
         return 1
-    blk = img_open(image_opts, filename, fmt, flags, writethrough, quiet, force_share)
+    flags, writethrough = parsed
+    quiet = common.quiet
+    blk = img_open(common.image_opts, filename, common.fmt, flags, writethrough, quiet, common.force_share)
     if blk is None:
         return 1
     try:
@@ -1226,7 +1260,7 @@ def img_check(argv: list[str]) -> int:
             if ofmt == "human":
                 dump_human_image_check(check, quiet)
             else:
-                qprintf(quiet, util.qobject_to_json_pretty(check) + "\n")
+                qprintf(quiet, qobject_to_json_pretty(check, True) + "\n")
         if ret or check.get("check-errors"):
             if ret:
                 report.error(f"Check failed: {strerror(ret)}")
@@ -1247,15 +1281,15 @@ def img_check(argv: list[str]) -> int:
 
 
 def img_commit(argv: list[str]) -> int:
-    fmt = base = None
+    base = None
     cache = BDRV_DEFAULT_CACHE
-    progress = quiet = drop = image_opts = False
-    objects: list[str] = []
+    progress = drop = False
+    common = CommonOpts()
     o = Opts(argv, ":f:ht:b:dpqr:", [HELP, OBJECT, IMAGE_OPTS])
     for c, arg in o:
-        if c == "f":
-            fmt = arg
-        elif c == "t":
+        if common.parse(c, arg):
+            continue
+        if c == "t":
             cache = arg
         elif c == "b":
             base = arg
@@ -1264,30 +1298,21 @@ def img_commit(argv: list[str]) -> int:
             drop = True
         elif c == "p":
             progress = True
-        elif c == "q":
-            quiet = True
         elif c == "r":
             rate = cvtnum("rate limit", arg)
             if rate < 0:
                 return 1
-        elif c == "object":
-            objects.append(arg)
-        elif c == "image-opts":
-            image_opts = True
+    quiet = common.quiet
     if quiet:
         progress = False
-    rest = o.rest
-    if len(rest) != 1:
-        error_exit("Expecting one image file name")
-    filename = rest[0]
-    if not add_objects(objects):
+    filename = one_image_file_name(o.rest)
+    if not add_objects(common.objects):
         return 1
-    flags = BDRV_O_RDWR | BDRV_O_UNMAP
-    r, flags, writethrough = parse_cache(cache, flags)
-    if r < 0:
-        report.error(f"Invalid cache option: {cache}")
+    parsed = parse_cache(cache, BDRV_O_RDWR | BDRV_O_UNMAP)
+    if parsed is None:
         return 1
-    blk = img_open(image_opts, filename, fmt, flags, writethrough, quiet, False)
+    flags, writethrough = parsed
+    blk = img_open(common.image_opts, filename, common.fmt, flags, writethrough, quiet, False)
     if blk is None:
         return 1
     prog = util.Progress(progress, 1.0)
@@ -1419,45 +1444,38 @@ def check_empty_sectors(blk: BlockBackend, offset: int, nbytes: int, filename: s
 
 def img_compare(argv: list[str]) -> int:
     from qblock.block.io import bdrv_block_status_above
-    fmt1 = fmt2 = None
+    fmt2 = None
     cache = BDRV_DEFAULT_CACHE
-    progress = quiet = strict = image_opts = force_share = False
-    objects: list[str] = []
+    progress = strict = False
+    common = CommonOpts()
     o = Opts(argv, ":hf:F:T:pqsU", [HELP, OBJECT, IMAGE_OPTS, FORCE_SHARE])
     for c, arg in o:
-        if c == "f":
-            fmt1 = arg
-        elif c == "F":
+        if common.parse(c, arg):
+            continue
+        if c == "F":
             fmt2 = arg
         elif c == "T":
             cache = arg
         elif c == "p":
             progress = True
-        elif c == "q":
-            quiet = True
         elif c == "s":
             strict = True
-        elif c == "U":
-            force_share = True
-        elif c == "object":
-            objects.append(arg)
-        elif c == "image-opts":
-            image_opts = True
+    quiet, image_opts, force_share = common.quiet, common.image_opts, common.force_share
     if quiet:
         progress = False
     rest = o.rest
     if len(rest) != 2:
         error_exit("Expecting two image file names")
     filename1, filename2 = rest
-    if not add_objects(objects):
+    if not add_objects(common.objects):
         return 2
     prog = util.Progress(progress, 2.0)
     try:
-        r, flags, writethrough = parse_cache(cache, 0)
-        if r < 0:
-            report.error(f"Invalid source cache option: {cache}")
+        parsed = parse_cache(cache, 0, "source cache")
+        if parsed is None:
             return 2
-        blk1 = img_open(image_opts, filename1, fmt1, flags, writethrough, quiet, force_share)
+        flags, writethrough = parsed
+        blk1 = img_open(image_opts, filename1, common.fmt, flags, writethrough, quiet, force_share)
         if blk1 is None:
             return 2
         try:
@@ -1874,14 +1892,14 @@ def convert_do_copy(s: ImgConvertState) -> int:
 
 
 def img_convert(argv: list[str]) -> int:
-    fmt = out_fmt = out_baseimg = backing_fmt = None
+    out_fmt = out_baseimg = backing_fmt = None
     cache = "unsafe"
     src_cache = BDRV_DEFAULT_CACHE
     options: str | None = None
-    image_opts = skip_create = progress = tgt_image_opts = force_share = explicit_min_sparse = False
+    skip_create = progress = tgt_image_opts = explicit_min_sparse = False
     bitmaps = False
     snapshot = None
-    objects: list[str] = []
+    common = CommonOpts()
     s = ImgConvertState()
     o = Opts(argv, ":hf:O:B:CcF:o:l:S:pt:T:qnm:WUr:",
              [HELP, OBJECT, IMAGE_OPTS, FORCE_SHARE, ("target-image-opts", N, "target-image-opts"),
@@ -1889,9 +1907,9 @@ def img_convert(argv: list[str]) -> int:
               ("skip-broken-bitmaps", N, "skip-broken-bitmaps")])
     target_is_zero = False
     for c, arg in o:
-        if c == "f":
-            fmt = arg
-        elif c == "F":
+        if common.parse(c, arg):
+            continue
+        if c == "F":
             backing_fmt = arg
         elif c == "O":
             out_fmt = arg
@@ -1902,10 +1920,9 @@ def img_convert(argv: list[str]) -> int:
         elif c == "c":
             s.compressed = True
         elif c == "o":
-            if not is_valid_option_list(arg):
-                report.error(f"Invalid option list: {arg}")
+            options = accumulate_options(options, arg)
+            if options is None:
                 return 1
-            options = arg if options is None else f"{options},{arg}"
         elif c == "l":
             snapshot = arg
         elif c == "S":
@@ -1925,8 +1942,6 @@ def img_convert(argv: list[str]) -> int:
             cache = arg
         elif c == "T":
             src_cache = arg
-        elif c == "q":
-            s.quiet = True
         elif c == "n":
             skip_create = True
         elif c == "m":
@@ -1938,16 +1953,10 @@ def img_convert(argv: list[str]) -> int:
             s.num_coroutines = val
         elif c == "W":
             s.wr_in_order = False
-        elif c == "U":
-            force_share = True
         elif c == "r":
             rate = cvtnum("rate limit", arg)
             if rate < 0:
                 return 1
-        elif c == "object":
-            objects.append(arg)
-        elif c == "image-opts":
-            image_opts = True
         elif c == "salvage":
             s.salvage = True
         elif c == "target-image-opts":
@@ -1956,9 +1965,10 @@ def img_convert(argv: list[str]) -> int:
             target_is_zero = True
         elif c in ("bitmaps", "skip-broken-bitmaps"):
             bitmaps = True
+    s.quiet = common.quiet
     if not out_fmt and not tgt_image_opts:
         out_fmt = "raw"
-    if not add_objects(objects):
+    if not add_objects(common.objects):
         return 1
     if s.compressed and s.copy_range:
         report.error("Cannot enable copy offloading when -c is used")
@@ -1991,19 +2001,19 @@ def img_convert(argv: list[str]) -> int:
     if target_is_zero and not skip_create:
         report.error("--target-is-zero requires use of -n flag")
         return 1
-    r, src_flags, src_writethrough = parse_cache(src_cache, 0)
-    if r < 0:
-        report.error(f"Invalid source cache option: {src_cache}")
+    parsed = parse_cache(src_cache, 0, "source cache")
+    if parsed is None:
         return 1
+    src_flags, src_writethrough = parsed
     if s.quiet:
         progress = False
     s.progress = util.Progress(progress, 1.0)
     s.progress.print(0, 100)
     ret = -1
     try:
-        ret = _convert(s, o.rest, image_opts, fmt, src_flags, src_writethrough, force_share, snapshot, bitmaps,
-                       skip_create, out_fmt, out_filename, out_baseimg, backing_fmt, options, cache,
-                       tgt_image_opts, target_is_zero)
+        ret = _convert(s, o.rest, common.image_opts, common.fmt, src_flags, src_writethrough, common.force_share,
+                       snapshot, bitmaps, skip_create, out_fmt, out_filename, out_baseimg, backing_fmt, options,
+                       cache, tgt_image_opts, target_is_zero)
     finally:
         if ret == 0:
             s.progress.print(100, 0)
@@ -2043,32 +2053,11 @@ def _convert(s: ImgConvertState, files: list[str], image_opts, fmt, src_flags, s
             report.error(f"Unknown file format '{out_fmt}'")
             return -1
         try:
-            proto = bdrv_find_protocol(out_filename, True)
-        except Error as e:
-            report.error_err(e)
-            return -1
-        fmt_opts = driver_create_opts(drv)
-        if fmt_opts is None:
-            report.error(f"Format driver '{drv.format_name}' does not support image creation")
-            return -1
-        if proto.create_opts is None:
-            report.error(f"Protocol driver '{proto.format_name}' does not support image creation")
-            return -1
-        opts = CreateOpts(qemu_opts_append(fmt_opts, proto.create_opts))
-        try:
+            opts = img_create_opts(drv, out_filename)
             if options:
                 opts.do_parse(options)
             opts.set_number(BLOCK_OPT_SIZE, s.total_sectors * 512)
-            if out_baseimg:
-                if opts.find(BLOCK_OPT_BACKING_FILE) is None:
-                    report.error(f"Backing file not supported for file format '{out_fmt}'")
-                    return -1
-                opts.set(BLOCK_OPT_BACKING_FILE, out_baseimg)
-            if backing_fmt:
-                if opts.find(BLOCK_OPT_BACKING_FMT) is None:
-                    report.error(f"Backing file format not supported for file format '{out_fmt}'")
-                    return -1
-                opts.set(BLOCK_OPT_BACKING_FMT, backing_fmt)
+            set_backing_opts(opts, out_fmt, out_baseimg, backing_fmt)
         except Error as e:
             report.error_err(e)
             return -1
@@ -2102,11 +2091,10 @@ def _convert(s: ImgConvertState, files: list[str], image_opts, fmt, src_flags, s
         except Error as e:
             report.error_err(e, f"{out_filename}: error while converting {out_fmt}: ")
             return -1
-    flags = (BDRV_O_RDWR | BDRV_O_UNMAP) if s.min_sparse else BDRV_O_RDWR
-    r, flags, writethrough = parse_cache(cache, flags)
-    if r < 0:
-        report.error(f"Invalid cache option: {cache}")
+    parsed = parse_cache(cache, (BDRV_O_RDWR | BDRV_O_UNMAP) if s.min_sparse else BDRV_O_RDWR)
+    if parsed is None:
         return -1
+    flags, writethrough = parsed
     if skip_create:
         s.target = img_open(tgt_image_opts, out_filename, out_fmt, flags, writethrough, s.quiet, False)
     else:
@@ -2190,41 +2178,33 @@ def collect_image_info_list(image_opts: bool, filename: str, fmt: str | None, ch
 
 
 def img_info(argv: list[str]) -> int:
-    fmt = output = None
-    chain = image_opts = force_share = False
-    objects: list[str] = []
+    output = None
+    chain = False
+    common = CommonOpts()
     o = Opts(argv, ":f:hU", [HELP, ("format", R, "f"), ("output", R, "output"),
                              ("backing-chain", N, "backing-chain"), OBJECT, IMAGE_OPTS, FORCE_SHARE])
     for c, arg in o:
-        if c == "f":
-            fmt = arg
-        elif c == "U":
-            force_share = True
-        elif c == "output":
+        if common.parse(c, arg):
+            continue
+        if c == "output":
             output = arg
         elif c == "backing-chain":
             chain = True
-        elif c == "object":
-            objects.append(arg)
-        elif c == "image-opts":
-            image_opts = True
-    rest = o.rest
-    if len(rest) != 1:
-        error_exit("Expecting one image file name")
+    filename = one_image_file_name(o.rest)
     ofmt = parse_output(output)
     if ofmt is None:
         return 1
-    if not add_objects(objects):
+    if not add_objects(common.objects):
         return 1
-    infos = collect_image_info_list(image_opts, rest[0], fmt, chain, force_share)
+    infos = collect_image_info_list(common.image_opts, filename, common.fmt, chain, common.force_share)
     if infos is None:
         return 1
     if ofmt == "human":
         sys.stdout.write("\n".join(bdrv_image_info_dump(i) for i in infos))
     elif chain:
-        sys.stdout.write(util.qobject_to_json_pretty(infos) + "\n")
+        sys.stdout.write(qobject_to_json_pretty(infos, True) + "\n")
     else:
-        sys.stdout.write(util.qobject_to_json_pretty(infos[0]) + "\n")
+        sys.stdout.write(qobject_to_json_pretty(infos[0], True) + "\n")
     return 0
 
 
@@ -2314,19 +2294,16 @@ def _b(v: bool) -> str:
 
 
 def img_map(argv: list[str]) -> int:
-    fmt = output = None
-    image_opts = force_share = False
+    output = None
     start_offset = 0
     max_length = -1
-    objects: list[str] = []
+    common = CommonOpts()
     o = Opts(argv, ":f:s:l:hU", [HELP, ("format", R, "f"), ("output", R, "output"), OBJECT, IMAGE_OPTS,
                                  FORCE_SHARE, ("start-offset", R, "s"), ("max-length", R, "l")])
     for c, arg in o:
-        if c == "f":
-            fmt = arg
-        elif c == "U":
-            force_share = True
-        elif c == "output":
+        if common.parse(c, arg):
+            continue
+        if c == "output":
             output = arg
         elif c == "s":
             start_offset = cvtnum("start offset", arg)
@@ -2336,20 +2313,13 @@ def img_map(argv: list[str]) -> int:
             max_length = cvtnum("max length", arg)
             if max_length < 0:
                 return 1
-        elif c == "object":
-            objects.append(arg)
-        elif c == "image-opts":
-            image_opts = True
-    rest = o.rest
-    if len(rest) != 1:
-        error_exit("Expecting one image file name")
-    filename = rest[0]
+    filename = one_image_file_name(o.rest)
     ofmt = parse_output(output)
     if ofmt is None:
         return 1
-    if not add_objects(objects):
+    if not add_objects(common.objects):
         return 1
-    blk = img_open(image_opts, filename, fmt, 0, False, False, force_share)
+    blk = img_open(common.image_opts, filename, common.fmt, 0, False, False, common.force_share)
     if blk is None:
         return 1
     out: list[str] = []
@@ -2400,11 +2370,12 @@ def img_map(argv: list[str]) -> int:
 def img_snapshot(argv: list[str]) -> int:
     action = None
     name = None
-    quiet = image_opts = force_share = False
     oflags = BDRV_O_RDWR
-    objects: list[str] = []
+    common = CommonOpts()
     o = Opts(argv, ":la:c:d:hqU", [HELP, OBJECT, IMAGE_OPTS, FORCE_SHARE])
     for c, arg in o:
+        if common.parse(c, arg):
+            continue
         if c in "lacd" and len(c) == 1:
             if action:
                 error_exit("Cannot mix '-l', '-a', '-c', '-d'")
@@ -2413,20 +2384,10 @@ def img_snapshot(argv: list[str]) -> int:
                 oflags &= ~BDRV_O_RDWR
             else:
                 name = arg
-        elif c == "q":
-            quiet = True
-        elif c == "U":
-            force_share = True
-        elif c == "object":
-            objects.append(arg)
-        elif c == "image-opts":
-            image_opts = True
-    rest = o.rest
-    if len(rest) != 1:
-        error_exit("Expecting one image file name")
-    if not add_objects(objects):
+    filename = one_image_file_name(o.rest)
+    if not add_objects(common.objects):
         return 1
-    blk = img_open(image_opts, rest[0], None, oflags, False, quiet, force_share)
+    blk = img_open(common.image_opts, filename, None, oflags, False, common.quiet, common.force_share)
     if blk is None:
         return 1
     ret = 0
@@ -2493,15 +2454,15 @@ def _snapshot_call(bs: BlockDriverState, hook: str, name: str) -> int:
 
 def img_rebase(argv: list[str]) -> int:
     from qblock.block.io import bdrv_is_allocated, bdrv_is_allocated_above
-    fmt = out_basefmt = out_baseimg = None
+    out_basefmt = out_baseimg = None
     cache = src_cache = BDRV_DEFAULT_CACHE
-    unsafe = progress = quiet = image_opts = force_share = False
-    objects: list[str] = []
+    unsafe = progress = False
+    common = CommonOpts()
     o = Opts(argv, ":hf:F:b:upt:T:qU", [HELP, OBJECT, IMAGE_OPTS, FORCE_SHARE])
     for c, arg in o:
-        if c == "f":
-            fmt = arg
-        elif c == "F":
+        if common.parse(c, arg):
+            continue
+        if c == "F":
             out_basefmt = arg
         elif c == "b":
             out_baseimg = arg
@@ -2513,39 +2474,28 @@ def img_rebase(argv: list[str]) -> int:
             cache = arg
         elif c == "T":
             src_cache = arg
-        elif c == "q":
-            quiet = True
-        elif c == "U":
-            force_share = True
-        elif c == "object":
-            objects.append(arg)
-        elif c == "image-opts":
-            image_opts = True
+    quiet, force_share = common.quiet, common.force_share
     if quiet:
         progress = False
-    rest = o.rest
-    if len(rest) != 1:
-        error_exit("Expecting one image file name")
+    filename = one_image_file_name(o.rest)
     if not unsafe and out_baseimg is None:
         error_exit("Must specify backing file (-b) or use unsafe mode (-u)")
-    filename = rest[0]
-    if not add_objects(objects):
+    if not add_objects(common.objects):
         return 1
     prog = util.Progress(progress, 2.0)
     prog.print(0, 100)
     blk = blk_old = blk_new_backing = None
     ret = 0
     try:
-        flags = BDRV_O_RDWR | (BDRV_O_NO_BACKING if unsafe else 0)
-        r, flags, writethrough = parse_cache(cache, flags)
-        if r < 0:
-            report.error(f"Invalid cache option: {cache}")
+        parsed = parse_cache(cache, BDRV_O_RDWR | (BDRV_O_NO_BACKING if unsafe else 0))
+        if parsed is None:
             return 1
-        r, src_flags, _ = parse_cache(src_cache, 0)
-        if r < 0:
-            report.error(f"Invalid source cache option: {src_cache}")
+        flags, writethrough = parsed
+        parsed = parse_cache(src_cache, 0, "source cache")
+        if parsed is None:
             return 1
-        blk = img_open(image_opts, filename, fmt, flags, writethrough, quiet, False)
+        src_flags = parsed[0]
+        blk = img_open(common.image_opts, filename, common.fmt, flags, writethrough, quiet, False)
         if blk is None:
             return 1
         bs = blk_bs(blk)
@@ -2684,22 +2634,15 @@ def img_resize(argv: list[str]) -> int:
         error_exit("Not enough arguments")
     size = argv[-1]
     argv = argv[:-1]
-    fmt = None
-    quiet = image_opts = shrink = False
+    shrink = False
     prealloc = PreallocMode.PREALLOC_MODE_OFF
-    objects: list[str] = []
+    common = CommonOpts()
     o = Opts(argv, ":f:hq", [HELP, OBJECT, IMAGE_OPTS, ("preallocation", R, "preallocation"),
                              ("shrink", N, "shrink")])
     for c, arg in o:
-        if c == "f":
-            fmt = arg
-        elif c == "q":
-            quiet = True
-        elif c == "object":
-            objects.append(arg)
-        elif c == "image-opts":
-            image_opts = True
-        elif c == "preallocation":
+        if common.parse(c, arg):
+            continue
+        if c == "preallocation":
             try:
                 prealloc = PreallocMode(arg)
             except ValueError:
@@ -2707,12 +2650,10 @@ def img_resize(argv: list[str]) -> int:
                 return 1
         elif c == "shrink":
             shrink = True
-    rest = o.rest
-    if len(rest) != 1:
-        error_exit("Expecting image file name and size")
-    filename = rest[0]
-    if not add_objects(objects):
+    filename = one_image_file_name(o.rest, "Expecting image file name and size")
+    if not add_objects(common.objects):
         return 1
+    quiet = common.quiet
     relative = 0
     if size.startswith("+"):
         relative, size = 1, size[1:]
@@ -2723,7 +2664,7 @@ def img_resize(argv: list[str]) -> int:
     except Error as e:
         report.error_err(e)
         return 1
-    blk = img_open(image_opts, filename, fmt, BDRV_O_RDWR | BDRV_O_RESIZE, False, quiet, False)
+    blk = img_open(common.image_opts, filename, common.fmt, BDRV_O_RDWR | BDRV_O_RESIZE, False, quiet, False)
     if blk is None:
         return 1
     try:
@@ -2776,35 +2717,28 @@ def print_amend_option_help(fmt: str) -> int:
 
 def img_amend(argv: list[str]) -> int:
     options: str | None = None
-    fmt = None
     cache = BDRV_DEFAULT_CACHE
-    quiet = progress = image_opts = force = False
-    objects: list[str] = []
+    progress = force = False
+    common = CommonOpts()
     o = Opts(argv, ":ho:f:t:pq", [HELP, OBJECT, IMAGE_OPTS, ("force", N, "force")])
     for c, arg in o:
+        if common.parse(c, arg):
+            continue
         if c == "o":
-            if not is_valid_option_list(arg):
-                report.error(f"Invalid option list: {arg}")
+            options = accumulate_options(options, arg)
+            if options is None:
                 return 1
-            options = arg if options is None else f"{options},{arg}"
-        elif c == "f":
-            fmt = arg
         elif c == "t":
             cache = arg
         elif c == "p":
             progress = True
-        elif c == "q":
-            quiet = True
-        elif c == "object":
-            objects.append(arg)
-        elif c == "image-opts":
-            image_opts = True
         elif c == "force":
             force = True
     if not options:
         error_exit("Must specify options (-o)")
-    if not add_objects(objects):
+    if not add_objects(common.objects):
         return 1
+    fmt, quiet = common.fmt, common.quiet
     if quiet:
         progress = False
     prog = util.Progress(progress, 1.0)
@@ -2817,11 +2751,11 @@ def img_amend(argv: list[str]) -> int:
         if len(rest) != 1:
             report.error("Expecting one image file name")
             return 1
-        r, flags, writethrough = parse_cache(cache, BDRV_O_RDWR)
-        if r < 0:
-            report.error(f"Invalid cache option: {cache}")
+        parsed = parse_cache(cache, BDRV_O_RDWR)
+        if parsed is None:
             return 1
-        blk = img_open(image_opts, filename, fmt, flags, writethrough, quiet, False)
+        flags, writethrough = parsed
+        blk = img_open(common.image_opts, filename, fmt, flags, writethrough, quiet, False)
         if blk is None:
             return 1
         bs = blk_bs(blk)
@@ -2922,8 +2856,7 @@ def bench_cb(b: BenchData, ret: int) -> None:
 
 
 def img_bench(argv: list[str]) -> int:
-    fmt = None
-    quiet = image_opts = is_write = force_share = False
+    is_write = False
     count, depth, offset, bufsize, pattern, step, flush_interval = 75000, 64, 0, 4096, 0, 0, 0
     drain_on_flush = True
     flags = 0
@@ -2931,7 +2864,10 @@ def img_bench(argv: list[str]) -> int:
     o = Opts(argv, ":hc:d:f:ni:o:qs:S:t:wU", [HELP, ("flush-interval", R, "flush-interval"), IMAGE_OPTS,
                                                 ("pattern", R, "pattern"), ("no-drain", N, "no-drain"),
                                                 FORCE_SHARE])
+    common = CommonOpts()
     for c, arg in o:
+        if common.parse(c, arg):
+            continue
         if c in ("c", "d"):
             r, val = util.qemu_strtol(arg, 0)
             if r < 0 or val < 0 or val > INT_MAX:
@@ -2941,8 +2877,6 @@ def img_bench(argv: list[str]) -> int:
                 count = val
             else:
                 depth = val
-        elif c == "f":
-            fmt = arg
         elif c == "n":
             flags |= BDRV_O_NATIVE_AIO
         elif c == "i":
@@ -2954,8 +2888,6 @@ def img_bench(argv: list[str]) -> int:
             offset = cvtnum("offset", arg)
             if offset < 0:
                 return 1
-        elif c == "q":
-            quiet = True
         elif c == "s":
             bufsize = cvtnum_full("buffer size", arg, 0, INT_MAX)
             if bufsize < 0:
@@ -2965,15 +2897,13 @@ def img_bench(argv: list[str]) -> int:
             if step < 0:
                 return 1
         elif c == "t":
-            r, flags, writethrough = parse_cache(arg, flags)
+            r, flags, writethrough = util.bdrv_parse_cache_mode(arg, flags)
             if r < 0:
                 report.error("Invalid cache mode")
                 return 1
         elif c == "w":
             flags |= BDRV_O_RDWR
             is_write = True
-        elif c == "U":
-            force_share = True
         elif c == "pattern":
             r, val = util.qemu_strtol(arg, 0)
             if r < 0 or val < 0 or val > 0xFF:
@@ -2988,19 +2918,14 @@ def img_bench(argv: list[str]) -> int:
             flush_interval = val
         elif c == "no-drain":
             drain_on_flush = False
-        elif c == "image-opts":
-            image_opts = True
-    rest = o.rest
-    if len(rest) != 1:
-        error_exit("Expecting one image file name")
-    filename = rest[0]
+    filename = one_image_file_name(o.rest)
     if not is_write and flush_interval:
         report.error("--flush-interval is only available in write tests")
         return 1
     if flush_interval and flush_interval < depth:
         report.error("Flush interval can't be smaller than depth")
         return 1
-    blk = img_open(image_opts, filename, fmt, flags, writethrough, quiet, force_share)
+    blk = img_open(common.image_opts, filename, common.fmt, flags, writethrough, common.quiet, common.force_share)
     if blk is None:
         return 1
     try:
@@ -3039,21 +2964,13 @@ def img_bench(argv: list[str]) -> int:
 def img_dd(argv: list[str]) -> int:
     from qblock.util.qemu_option import keyval_parse  # noqa: F401 - image-opts parsing lives in img_open
     out_fmt = "raw"
-    fmt = None
-    image_opts = force_share = False
-    objects: list[str] = []
+    common = CommonOpts()
     o = Opts(argv, ":hf:O:U", [HELP, OBJECT, IMAGE_OPTS, FORCE_SHARE])
     for c, arg in o:
+        if common.parse(c, arg):
+            continue
         if c == "O":
             out_fmt = arg
-        elif c == "f":
-            fmt = arg
-        elif c == "U":
-            force_share = True
-        elif c == "object":
-            objects.append(arg)
-        elif c == "image-opts":
-            image_opts = True
     bsz = 512
     count = 0
     in_offset = 0
@@ -3085,9 +3002,9 @@ def img_dd(argv: list[str]) -> int:
     if not ("if" in seen and "of" in seen):
         report.error("Must specify both input and output files")
         return 1
-    if not add_objects(objects):
+    if not add_objects(common.objects):
         return 1
-    blk1 = img_open(image_opts, in_filename, fmt, 0, False, False, force_share)
+    blk1 = img_open(common.image_opts, in_filename, common.fmt, 0, False, False, common.force_share)
     if blk1 is None:
         return 1
     blk2 = None
@@ -3097,18 +3014,10 @@ def img_dd(argv: list[str]) -> int:
             report.error("Unknown file format")
             return 1
         try:
-            proto = bdrv_find_protocol(out_filename, True)
+            opts = img_create_opts(drv, out_filename)
         except Error as e:
             report.error_err(e)
             return 1
-        fmt_opts = driver_create_opts(drv)
-        if fmt_opts is None:
-            report.error(f"Format driver '{drv.format_name}' does not support image creation")
-            return 1
-        if proto.create_opts is None:
-            report.error(f"Protocol driver '{proto.format_name}' does not support image creation")
-            return 1
-        opts = CreateOpts(qemu_opts_append(fmt_opts, proto.create_opts))
         size = blk_getlength(blk1)
         if size < 0:
             report.error(f"Failed to get size for '{in_filename}'")
@@ -3174,13 +3083,11 @@ def bdrv_measure(drv: BlockDriver, opts: CreateOpts, in_bs: BlockDriverState | N
 
 def img_measure(argv: list[str]) -> int:
     ofmt = "human"
-    fmt = None
     out_fmt = "raw"
     options: str | None = None
     snapshot = None
-    force_share = image_opts = False
     img_size = -1
-    objects: list[str] = []
+    common = CommonOpts()
     g = Getopt(argv, "hf:O:o:l:U", [HELP, IMAGE_OPTS, OBJECT, ("output", R, "output"), ("size", R, "size"),
                                     FORCE_SHARE])
     while True:
@@ -3190,23 +3097,16 @@ def img_measure(argv: list[str]) -> int:
         arg = g.optarg
         if c in ("?", "h"):
             help_()
-        elif c == "f":
-            fmt = arg
+        elif common.parse(c, arg):
+            pass
         elif c == "O":
             out_fmt = arg
         elif c == "o":
-            if not is_valid_option_list(arg):
-                report.error(f"Invalid option list: {arg}")
+            options = accumulate_options(options, arg)
+            if options is None:
                 return 1
-            options = arg if options is None else f"{options},{arg}"
         elif c == "l":
             snapshot = arg
-        elif c == "U":
-            force_share = True
-        elif c == "object":
-            objects.append(arg)
-        elif c == "image-opts":
-            image_opts = True
         elif c == "output":
             if arg == "json":
                 ofmt = "json"
@@ -3220,7 +3120,8 @@ def img_measure(argv: list[str]) -> int:
             if sval < 0:
                 return 1
             img_size = sval
-    if not add_objects(objects):
+    fmt, image_opts = common.fmt, common.image_opts
+    if not add_objects(common.objects):
         return 1
     rest = g.argv[g.optind:]
     filename = None
@@ -3241,7 +3142,7 @@ def img_measure(argv: list[str]) -> int:
     in_blk = None
     try:
         if filename:
-            in_blk = img_open(image_opts, filename, fmt, 0, False, False, force_share)
+            in_blk = img_open(image_opts, filename, fmt, 0, False, False, common.force_share)
             if in_blk is None:
                 return 1
             if snapshot is not None:
@@ -3279,7 +3180,7 @@ def img_measure(argv: list[str]) -> int:
             info = {"required": required, "fully-allocated": fully}
             if bitmaps is not None:
                 info["bitmaps"] = bitmaps
-            sys.stdout.write(util.qobject_to_json_pretty(info) + "\n")
+            sys.stdout.write(qobject_to_json_pretty(info, True) + "\n")
         return 0
     finally:
         blk_unref(in_blk)
@@ -3290,21 +3191,19 @@ def img_measure(argv: list[str]) -> int:
 
 
 def img_bitmap(argv: list[str]) -> int:
-    fmt = None
     actions: list[tuple[str, str | None]] = []
-    image_opts = False
     src_filename = src_fmt = None
     granularity = 0
-    objects: list[str] = []
+    common = CommonOpts()
     o = Opts(argv, ":b:hf:F:g:", [HELP, OBJECT, IMAGE_OPTS, ("add", N, "add"), ("remove", N, "remove"),
                                   ("clear", N, "clear"), ("enable", N, "enable"), ("disable", N, "disable"),
                                   ("merge", R, "merge"), ("granularity", R, "g"), ("source-file", R, "b"),
                                   ("source-format", R, "F")])
     for c, arg in o:
+        if common.parse(c, arg):
+            continue
         if c == "b":
             src_filename = arg
-        elif c == "f":
-            fmt = arg
         elif c == "F":
             src_fmt = arg
         elif c == "g":
@@ -3313,11 +3212,7 @@ def img_bitmap(argv: list[str]) -> int:
                 return 1
         elif c in ("add", "remove", "clear", "enable", "disable", "merge"):
             actions.append((c, arg))
-        elif c == "object":
-            objects.append(arg)
-        elif c == "image-opts":
-            image_opts = True
-    if not add_objects(objects):
+    if not add_objects(common.objects):
         return 1
     if not actions:
         report.error("Need at least one of --add, --remove, --clear, --enable, --disable, or --merge")
@@ -3336,7 +3231,7 @@ def img_bitmap(argv: list[str]) -> int:
         report.error("Expecting filename and bitmap name")
         return 1
     filename, bitmap = rest
-    blk = img_open(image_opts, filename, fmt, BDRV_O_RDWR, False, False, False)
+    blk = img_open(common.image_opts, filename, common.fmt, BDRV_O_RDWR, False, False, False)
     if blk is None:
         return 1
     try:
@@ -3361,28 +3256,14 @@ IMG_CMDS = {
 def _main(argv: list[str]) -> int:
     if len(argv) < 1:
         error_exit("Not enough arguments")
-    g = Getopt([PROG] + argv, "+:hVT:", [("help", N, "h"), ("version", N, "V"), ("trace", R, "T")])
-    while True:
-        c = g.getopt()
-        if c == -1:
-            break
-        if c == ":":
-            missing_argument(g.argv[g.optind - 1])
-        elif c == "?":
-            unrecognized_option(g.argv[g.optind - 1])
-        elif c == "h":
-            help_()
-        elif c == "V":
+    o = Opts([PROG] + argv, "+:hVT:", [HELP, ("version", N, "V"), ("trace", R, "T")])
+    for c, arg in o:
+        if c == "V":
             sys.stdout.write(QEMU_IMG_VERSION)
             return 0
-        elif c == "T":
-            from qblock.trace.control import trace_opt_parse
-            try:
-                trace_opt_parse(g.optarg)
-            except Error as e:
-                report.error_err(e)
-                return 1
-    rest = g.argv[g.optind:]
+        if c == "T" and not util.trace_opt_parse(report, arg):
+            return 1
+    rest = o.rest
     if not rest:
         return 0
     cmdname = rest[0]
@@ -3394,28 +3275,7 @@ def _main(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Console-script entry point: qemu-img's main, with stray exceptions as one error line."""
-    from qblock.util.error import error_set_progname
-    error_set_progname(PROG)
-    argv = sys.argv[1:] if argv is None else argv
-    try:
-        status = _main(argv)
-    except ToolExit as e:
-        status = e.status
-    except KeyboardInterrupt:
-        status = 130
-    except BrokenPipeError:
-        status = 1
-    except Error as e:
-        report.error_err(e)
-        status = 1
-    except Exception as e:  # noqa: BLE001 - one line, never a traceback
-        report.error(f"internal error: {type(e).__name__}: {e}")
-        status = 1
-    try:
-        sys.stdout.flush()
-    except BrokenPipeError:
-        pass
-    return status
+    return util.tool_main(PROG, _main, argv)
 
 
 if __name__ == "__main__":

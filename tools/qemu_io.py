@@ -96,13 +96,14 @@ from qblock.block.graph import (
     bdrv_primary_bs,
     bdrv_unref,
 )
+from qblock.qmp.qjson import qdict_keys
 from qblock.util.aio import aio_poll, qemu_get_aio_context
 from qblock.util.error import Error
 from qblock.util.iov import QEMUIOVector
 from qblock.util.timer import QEMU_CLOCK_REALTIME, qemu_clock_get_ns
 
 from qblock.tools import qemu_tool_util as util
-from qblock.tools.qemu_tool_util import Getopt, ToolExit, cvtnum, cvtstr, strerror
+from qblock.tools.qemu_tool_util import Getopt, cvtnum, cvtstr, strerror
 
 PROG = "qemu-io"
 QEMU_VERSION = "7.2.22 (qblock)"
@@ -167,7 +168,7 @@ def bdrv_get_specific_info(bs: BlockDriverState) -> dict | None:
 def dump_qobject(indentation: int, obj: Any, out: list[str]) -> None:
     """block/qapi.c dump_qobject: nested ImageInfoSpecific data as ``key: value`` lines."""
     if isinstance(obj, dict):
-        for key in util.qdict_order(obj):
+        for key in qdict_keys(obj):
             val = obj[key]
             composite = isinstance(val, (dict, list))
             out.append("%*s%s:%s" % (indentation * 4, "", key.replace("-", " "), "\n" if composite else " "))
@@ -276,6 +277,44 @@ def print_cvtnum_err(rc: int, arg: str) -> None:
         print(f"Parsing error: {arg}")
 
 
+def cvtnum_arg(arg: str) -> int:
+    """cvtnum of a command argument, with the parsing error printed when it fails (negative errno)."""
+    value = cvtnum(arg)
+    if value < 0:
+        print_cvtnum_err(value, arg)
+    return value
+
+
+def parse_offset_len(argv: list[str], optind: int) -> tuple[int, int, int]:
+    """(0, offset, length) from ``argv[optind]`` and ``argv[optind + 1]``, or (negative errno, 0, 0)
+    after the parsing error of the first bad one."""
+    offset = cvtnum_arg(argv[optind])
+    if offset < 0:
+        return offset, 0, 0
+    length = cvtnum_arg(argv[optind + 1])
+    if length < 0:
+        return length, 0, 0
+    return 0, offset, length
+
+
+def check_sector_aligned(offset: int, count: int) -> int:
+    """0, or -EINVAL after naming the first of ``offset``/``count`` that is not a multiple of 512."""
+    for value, name in ((offset, "offset"), (count, "count")):
+        if value % BDRV_SECTOR_SIZE:
+            print(f"{value} is not a sector-aligned value for '{name}'")
+            return -errno.EINVAL
+    return 0
+
+
+def print_read_report(t_ns: int, buf, offset: int, count: int, qflag: bool, vflag: bool, Cflag: bool) -> None:
+    """What a read command prints once its data is in: nothing with -q, the dump with -v, the report."""
+    if qflag:
+        return
+    if vflag:
+        dump_buffer(buf, offset, count)
+    print_report("read", t_ns, offset, count, count, 1, Cflag)
+
+
 def parse_pattern(arg: str) -> int:
     ret, value = util.qemu_strtol(arg, 0)
     if ret < 0 or value < 0 or value > 0xFF:
@@ -302,6 +341,55 @@ class CmdInfo:
     oneline: str = ""
     help: Callable[[], None] | None = None
     perm: int = 0
+
+
+@attrs.define
+class OpenOpts:
+    """What the options qemu-io's command line and its ``open`` command share set:
+    ``-s -n -C -r -k -i -t -d -U``."""
+
+    flags: int = BDRV_O_UNMAP
+    writethrough: bool = True
+    readonly: bool = False
+    force_share: bool = False
+
+    def parse(self, report: util.Reporter, c: str, optarg: str | None) -> bool | None:
+        """Take option ``c``: True when taken, False after reporting an invalid mode, None for the caller's."""
+        if c == "s":
+            self.flags |= BDRV_O_SNAPSHOT
+        elif c == "n":
+            self.flags |= BDRV_O_NOCACHE
+            self.writethrough = False
+        elif c == "C":
+            self.flags |= BDRV_O_COPY_ON_READ
+        elif c == "r":
+            self.readonly = True
+        elif c == "k":
+            self.flags |= BDRV_O_NATIVE_AIO
+        elif c == "t":
+            r, self.flags, self.writethrough = util.bdrv_parse_cache_mode(optarg, self.flags)
+            if r < 0:
+                report.error(f"Invalid cache option: {optarg}")
+                return False
+        elif c == "d":
+            r, self.flags = util.bdrv_parse_discard_flags(optarg, self.flags)
+            if r < 0:
+                report.error(f"Invalid discard option: {optarg}")
+                return False
+        elif c == "i":
+            r, self.flags = util.bdrv_parse_aio(optarg, self.flags)
+            if r < 0:
+                report.error(f"Invalid aio option: {optarg}")
+                return False
+        elif c == "U":
+            self.force_share = True
+        else:
+            return None
+        return True
+
+    def open_flags(self) -> int:
+        """The flags to open with: read-write unless -r."""
+        return self.flags if self.readonly else self.flags | BDRV_O_RDWR
 
 
 class QemuIO:
@@ -332,6 +420,11 @@ class QemuIO:
 
     def usage(self, ci: CmdInfo) -> None:
         print(f"{ci.name} {ci.args} -- {ci.oneline}")
+
+    def bad_usage(self, ci: CmdInfo) -> int:
+        """qemuio_command_usage for a command given wrong arguments: the usage line, then -EINVAL."""
+        self.usage(ci)
+        return -errno.EINVAL
 
     def command(self, ct: CmdInfo, argv: list[str]) -> int:
         cmd = argv[0]
@@ -410,9 +503,8 @@ class QemuIO:
         sizes = []
         count = 0
         for arg in args:
-            n = cvtnum(arg)
+            n = cvtnum_arg(arg)
             if n < 0:
-                print_cvtnum_err(n, arg)
                 return None
             if n > BDRV_REQUEST_MAX_BYTES:
                 print(f"Argument '{arg}' exceeds maximum size {BDRV_REQUEST_MAX_BYTES}")
@@ -513,9 +605,8 @@ def _command_table(io: QemuIO) -> list[CmdInfo]:
                 Cflag = True
             elif c == "l":
                 lflag = True
-                pattern_count = cvtnum(g.optarg)
+                pattern_count = cvtnum_arg(g.optarg)
                 if pattern_count < 0:
-                    print_cvtnum_err(pattern_count, g.optarg)
                     return pattern_count
             elif c == "p":
                 pass
@@ -528,47 +619,34 @@ def _command_table(io: QemuIO) -> list[CmdInfo]:
                 qflag = True
             elif c == "s":
                 sflag = True
-                pattern_offset = cvtnum(g.optarg)
+                pattern_offset = cvtnum_arg(g.optarg)
                 if pattern_offset < 0:
-                    print_cvtnum_err(pattern_offset, g.optarg)
                     return pattern_offset
             elif c == "v":
                 vflag = True
             else:
-                io.usage(read_cmd)
-                return -errno.EINVAL
+                return io.bad_usage(read_cmd)
         optind = g.optind
         argv = g.argv
         if optind != len(argv) - 2:
-            io.usage(read_cmd)
-            return -errno.EINVAL
-        offset = cvtnum(argv[optind])
-        if offset < 0:
-            print_cvtnum_err(offset, argv[optind])
-            return offset
-        optind += 1
-        count = cvtnum(argv[optind])
-        if count < 0:
-            print_cvtnum_err(count, argv[optind])
-            return count
+            return io.bad_usage(read_cmd)
+        ret, offset, count = parse_offset_len(argv, optind)
+        if ret < 0:
+            return ret
         if count > BDRV_REQUEST_MAX_BYTES:
-            p(f"length cannot exceed {BDRV_REQUEST_MAX_BYTES}, given {argv[optind]}")
+            p(f"length cannot exceed {BDRV_REQUEST_MAX_BYTES}, given {argv[optind + 1]}")
             return -errno.EINVAL
         if not Pflag and (lflag or sflag):
-            io.usage(read_cmd)
-            return -errno.EINVAL
+            return io.bad_usage(read_cmd)
         if not lflag:
             pattern_count = count - pattern_offset
         if pattern_count < 0 or pattern_count + pattern_offset > count:
             p("pattern verification range exceeds end of read data")
             return -errno.EINVAL
         if bflag:
-            if offset % BDRV_SECTOR_SIZE:
-                p(f"{offset} is not a sector-aligned value for 'offset'")
-                return -errno.EINVAL
-            if count % BDRV_SECTOR_SIZE:
-                p(f"{count} is not a sector-aligned value for 'count'")
-                return -errno.EINVAL
+            ret = check_sector_aligned(offset, count)
+            if ret < 0:
+                return ret
         buf = io.alloc(count, 0xAB)
         t1 = _now()
         if bflag:
@@ -585,11 +663,7 @@ def _command_table(io: QemuIO) -> list[CmdInfo]:
             if not pattern_ok(buf[pattern_offset:pattern_offset + pattern_count], pattern):
                 p(f"Pattern verification failed at offset {offset + pattern_offset}, {pattern_count} bytes")
                 ret = -errno.EINVAL
-        if qflag:
-            return ret
-        if vflag:
-            dump_buffer(buf, offset, count)
-        print_report("read", t2 - t1, offset, count, count, 1, Cflag)
+        print_read_report(t2 - t1, buf, offset, count, qflag, vflag, Cflag)
         return ret
 
     read_cmd = CmdInfo("read", read_f, altname="r", argmin=2, argmax=-1,
@@ -628,16 +702,13 @@ def _command_table(io: QemuIO) -> list[CmdInfo]:
             elif c == "v":
                 vflag = True
             else:
-                io.usage(readv_cmd)
-                return -errno.EINVAL
+                return io.bad_usage(readv_cmd)
         argv = g.argv
         optind = g.optind
         if optind > len(argv) - 2:
-            io.usage(readv_cmd)
-            return -errno.EINVAL
-        offset = cvtnum(argv[optind])
+            return io.bad_usage(readv_cmd)
+        offset = cvtnum_arg(argv[optind])
         if offset < 0:
-            print_cvtnum_err(offset, argv[optind])
             return offset
         optind += 1
         made = io.create_iovec(argv[optind:], 0xAB)
@@ -654,11 +725,7 @@ def _command_table(io: QemuIO) -> list[CmdInfo]:
         if Pflag and not pattern_ok(buf, pattern):
             p(f"Pattern verification failed at offset {offset}, {qiov.size} bytes")
             ret = -errno.EINVAL
-        if qflag:
-            return ret
-        if vflag:
-            dump_buffer(buf, offset, qiov.size)
-        print_report("read", t2 - t1, offset, qiov.size, qiov.size, 1, Cflag)
+        print_read_report(t2 - t1, buf, offset, qiov.size, qflag, vflag, Cflag)
         return ret
 
     readv_cmd = CmdInfo("readv", readv_f, argmin=2, argmax=-1, args="[-Cqv] [-P pattern] off len [len..]",
@@ -719,13 +786,11 @@ def _command_table(io: QemuIO) -> list[CmdInfo]:
             elif c == "z":
                 zflag = True
             else:
-                io.usage(write_cmd)
-                return -errno.EINVAL
+                return io.bad_usage(write_cmd)
         argv = g.argv
         optind = g.optind
         if optind != len(argv) - 2:
-            io.usage(write_cmd)
-            return -errno.EINVAL
+            return io.bad_usage(write_cmd)
         if bflag and zflag:
             p("-b and -z cannot be specified at the same time")
             return -errno.EINVAL
@@ -741,25 +806,16 @@ def _command_table(io: QemuIO) -> list[CmdInfo]:
         if zflag + Pflag + sflag > 1:
             p("Only one of -z, -P, and -s can be specified at the same time")
             return -errno.EINVAL
-        offset = cvtnum(argv[optind])
-        if offset < 0:
-            print_cvtnum_err(offset, argv[optind])
-            return offset
-        optind += 1
-        count = cvtnum(argv[optind])
-        if count < 0:
-            print_cvtnum_err(count, argv[optind])
-            return count
+        ret, offset, count = parse_offset_len(argv, optind)
+        if ret < 0:
+            return ret
         if count > BDRV_REQUEST_MAX_BYTES and not flags & BDRV_REQ_NO_FALLBACK:
-            p(f"length cannot exceed {BDRV_REQUEST_MAX_BYTES} without -n, given {argv[optind]}")
+            p(f"length cannot exceed {BDRV_REQUEST_MAX_BYTES} without -n, given {argv[optind + 1]}")
             return -errno.EINVAL
         if bflag or cflag:
-            if offset % BDRV_SECTOR_SIZE:
-                p(f"{offset} is not a sector-aligned value for 'offset'")
-                return -errno.EINVAL
-            if count % BDRV_SECTOR_SIZE:
-                p(f"{count} is not a sector-aligned value for 'count'")
-                return -errno.EINVAL
+            ret = check_sector_aligned(offset, count)
+            if ret < 0:
+                return ret
         buf = None
         if not zflag:
             if sflag:
@@ -823,16 +879,13 @@ def _command_table(io: QemuIO) -> list[CmdInfo]:
                 if pattern < 0:
                     return -errno.EINVAL
             else:
-                io.usage(writev_cmd)
-                return -errno.EINVAL
+                return io.bad_usage(writev_cmd)
         argv = g.argv
         optind = g.optind
         if optind > len(argv) - 2:
-            io.usage(writev_cmd)
-            return -errno.EINVAL
-        offset = cvtnum(argv[optind])
+            return io.bad_usage(writev_cmd)
+        offset = cvtnum_arg(argv[optind])
         if offset < 0:
-            print_cvtnum_err(offset, argv[optind])
             return offset
         optind += 1
         made = io.create_iovec(argv[optind:], pattern)
@@ -892,11 +945,7 @@ def _command_table(io: QemuIO) -> list[CmdInfo]:
         if ctx.Pflag and not pattern_ok(ctx.buf, ctx.pattern):
             p(f"Pattern verification failed at offset {ctx.offset}, {ctx.size} bytes")
         block_acct_done(blk_get_stats(ctx.blk), ctx.acct)
-        if ctx.qflag:
-            return
-        if ctx.vflag:
-            dump_buffer(ctx.buf, ctx.offset, ctx.size)
-        print_report("read", t2 - ctx.t1, ctx.offset, ctx.size, ctx.size, 1, ctx.Cflag)
+        print_read_report(t2 - ctx.t1, ctx.buf, ctx.offset, ctx.size, ctx.qflag, ctx.vflag, ctx.Cflag)
 
     def aio_read_help() -> None:
         p("\n"
@@ -938,18 +987,14 @@ def _command_table(io: QemuIO) -> list[CmdInfo]:
             elif c == "v":
                 ctx.vflag = True
             else:
-                io.usage(aio_read_cmd)
-                return -errno.EINVAL
+                return io.bad_usage(aio_read_cmd)
         argv = g.argv
         optind = g.optind
         if optind > len(argv) - 2:
-            io.usage(aio_read_cmd)
-            return -errno.EINVAL
-        ctx.offset = cvtnum(argv[optind])
+            return io.bad_usage(aio_read_cmd)
+        ctx.offset = cvtnum_arg(argv[optind])
         if ctx.offset < 0:
-            ret = ctx.offset
-            print_cvtnum_err(ret, argv[optind])
-            return ret
+            return ctx.offset
         optind += 1
         made = io.create_iovec(argv[optind:], 0xAB)
         if made is None:
@@ -1013,13 +1058,11 @@ def _command_table(io: QemuIO) -> list[CmdInfo]:
             elif c == "z":
                 ctx.zflag = True
             else:
-                io.usage(aio_write_cmd)
-                return -errno.EINVAL
+                return io.bad_usage(aio_write_cmd)
         argv = g.argv
         optind = g.optind
         if optind > len(argv) - 2:
-            io.usage(aio_write_cmd)
-            return -errno.EINVAL
+            return io.bad_usage(aio_write_cmd)
         if ctx.zflag and optind != len(argv) - 2:
             p("-z supports only a single length parameter")
             return -errno.EINVAL
@@ -1029,16 +1072,13 @@ def _command_table(io: QemuIO) -> list[CmdInfo]:
         if ctx.zflag and ctx.Pflag:
             p("-z and -P cannot be specified at the same time")
             return -errno.EINVAL
-        ctx.offset = cvtnum(argv[optind])
+        ctx.offset = cvtnum_arg(argv[optind])
         if ctx.offset < 0:
-            ret = ctx.offset
-            print_cvtnum_err(ret, argv[optind])
-            return ret
+            return ctx.offset
         optind += 1
         if ctx.zflag:
-            count = cvtnum(argv[optind])
+            count = cvtnum_arg(argv[optind])
             if count < 0:
-                print_cvtnum_err(count, argv[optind])
                 return count
             ctx.size = count
             # qemu-io 7.2 starts neither the clock nor the accounting here (t1 stays 0).
@@ -1083,12 +1123,10 @@ def _command_table(io: QemuIO) -> list[CmdInfo]:
                     io.report.error(f"Invalid preallocation mode '{g.optarg}'")
                     return -errno.EINVAL
             else:
-                io.usage(truncate_cmd)
-                return -errno.EINVAL
+                return io.bad_usage(truncate_cmd)
         argv = g.argv
         if g.optind >= len(argv):
-            io.usage(truncate_cmd)
-            return -errno.EINVAL
+            return io.bad_usage(truncate_cmd)
         offset = cvtnum(argv[g.optind])
         if offset < 0:
             print_cvtnum_err(offset, argv[1])
@@ -1159,24 +1197,16 @@ def _command_table(io: QemuIO) -> list[CmdInfo]:
             elif c == "q":
                 qflag = True
             else:
-                io.usage(discard_cmd)
-                return -errno.EINVAL
+                return io.bad_usage(discard_cmd)
         argv = g.argv
         optind = g.optind
         if optind != len(argv) - 2:
-            io.usage(discard_cmd)
-            return -errno.EINVAL
-        offset = cvtnum(argv[optind])
-        if offset < 0:
-            print_cvtnum_err(offset, argv[optind])
-            return offset
-        optind += 1
-        nbytes = cvtnum(argv[optind])
-        if nbytes < 0:
-            print_cvtnum_err(nbytes, argv[optind])
-            return nbytes
+            return io.bad_usage(discard_cmd)
+        ret, offset, nbytes = parse_offset_len(argv, optind)
+        if ret < 0:
+            return ret
         if nbytes > BDRV_REQUEST_MAX_BYTES:
-            p(f"length cannot exceed {BDRV_REQUEST_MAX_BYTES}, given {argv[optind]}")
+            p(f"length cannot exceed {BDRV_REQUEST_MAX_BYTES}, given {argv[optind + 1]}")
             return -errno.EINVAL
         t1 = _now()
         ret = blk_pdiscard(blk, offset, nbytes)
@@ -1195,14 +1225,12 @@ def _command_table(io: QemuIO) -> list[CmdInfo]:
     def alloc_f(blk, argv) -> int:
         from qblock.block.io import bdrv_is_allocated
         bs = blk_bs(blk)
-        start = offset = cvtnum(argv[1])
+        start = offset = cvtnum_arg(argv[1])
         if offset < 0:
-            print_cvtnum_err(offset, argv[1])
             return offset
         if len(argv) == 3:
-            count = cvtnum(argv[2])
+            count = cvtnum_arg(argv[2])
             if count < 0:
-                print_cvtnum_err(count, argv[2])
                 return count
         else:
             count = BDRV_SECTOR_SIZE
@@ -1312,11 +1340,9 @@ def _command_table(io: QemuIO) -> list[CmdInfo]:
                 flags |= BDRV_O_RDWR
                 has_rw_option = True
             else:
-                io.usage(reopen_cmd)
-                return -errno.EINVAL
+                return io.bad_usage(reopen_cmd)
         if g.optind != len(g.argv):
-            io.usage(reopen_cmd)
-            return -errno.EINVAL
+            return io.bad_usage(reopen_cmd)
         if "read-only" in opts:
             if has_rw_option:
                 io.report.error("Cannot set both -r/-w and 'read-only'")
@@ -1400,9 +1426,8 @@ def _command_table(io: QemuIO) -> list[CmdInfo]:
           " given to sigraise.\n")
 
     def sigraise_f(blk, argv) -> int:
-        sig = cvtnum(argv[1])
+        sig = cvtnum_arg(argv[1])
         if sig < 0:
-            print_cvtnum_err(sig, argv[1])
             return sig
         if sig > signal.NSIG:
             p(f"signal argument '{argv[1]}' is too large to be a valid signal")
@@ -1492,40 +1517,16 @@ def _command_table(io: QemuIO) -> list[CmdInfo]:
 
     def open_f(blk, argv) -> int:
         from qblock.util.qemu_option import keyval_parse
-        flags = BDRV_O_UNMAP
-        readonly = False
-        writethrough = True
-        force_share = False
+        oo = OpenOpts()
         opts: dict[str, str] | None = None
         g = Getopt(argv, "snCro:ki:t:d:U")
         for c in g:
-            if c == "s":
-                flags |= BDRV_O_SNAPSHOT
-            elif c == "n":
-                flags |= BDRV_O_NOCACHE
-                writethrough = False
-            elif c == "C":
-                flags |= BDRV_O_COPY_ON_READ
-            elif c == "r":
-                readonly = True
-            elif c == "k":
-                flags |= BDRV_O_NATIVE_AIO
-            elif c == "t":
-                r, flags, writethrough = util.bdrv_parse_cache_mode(g.optarg, flags)
-                if r < 0:
-                    io.report.error(f"Invalid cache option: {g.optarg}")
-                    return -errno.EINVAL
-            elif c == "d":
-                r, flags = util.bdrv_parse_discard_flags(g.optarg, flags)
-                if r < 0:
-                    io.report.error(f"Invalid discard option: {g.optarg}")
-                    return -errno.EINVAL
-            elif c == "i":
-                r, flags = util.bdrv_parse_aio(g.optarg, flags)
-                if r < 0:
-                    io.report.error(f"Invalid aio option: {g.optarg}")
-                    return -errno.EINVAL
-            elif c == "o":
+            taken = oo.parse(io.report, c, g.optarg)
+            if taken is False:
+                return -errno.EINVAL
+            if taken:
+                continue
+            if c == "o":
                 if io.image_opts:
                     p("--image-opts and 'open -o' are mutually exclusive")
                     return -errno.EINVAL
@@ -1534,13 +1535,9 @@ def _command_table(io: QemuIO) -> list[CmdInfo]:
                 except Error as e:
                     io.report.error_err(e)
                     return -errno.EINVAL
-            elif c == "U":
-                force_share = True
             else:
-                io.usage(open_cmd)
-                return -errno.EINVAL
-        if not readonly:
-            flags |= BDRV_O_RDWR
+                return io.bad_usage(open_cmd)
+        flags, writethrough, force_share = oo.open_flags(), oo.writethrough, oo.force_share
         argv = g.argv
         optind = g.optind
         if io.image_opts and optind == len(argv) - 1:
@@ -1555,8 +1552,7 @@ def _command_table(io: QemuIO) -> list[CmdInfo]:
         elif optind == len(argv):
             ret = io.openfile(None, flags, writethrough, force_share, opts)
         else:
-            io.usage(open_cmd)
-            return -errno.EINVAL
+            return io.bad_usage(open_cmd)
         return -errno.EINVAL if ret else 0
 
     open_cmd = CmdInfo("open", open_f, altname="o", argmin=1, argmax=-1, flags=CMD_NOFILE_OK,
@@ -1732,57 +1728,28 @@ LONGOPTS = [
 
 
 def _main(argv: list[str]) -> int:
-    from qblock.block.throttle_groups import user_creatable_process_cmdline
     from qblock.util.qemu_option import keyval_parse
     io = QemuIO()
     report = io.report
-    readonly = False
-    flags = BDRV_O_UNMAP
-    writethrough = True
+    oo = OpenOpts()
     fmt = None
-    force_share = False
     objects: list[str] = []
     cmdline: list[str] = []
     g = Getopt([PROG] + argv, "hVc:d:f:rsnCmki:t:T:U", LONGOPTS)
     for c in g:
-        if c == "s":
-            flags |= BDRV_O_SNAPSHOT
-        elif c == "n":
-            flags |= BDRV_O_NOCACHE
-            writethrough = False
-        elif c == "C":
-            flags |= BDRV_O_COPY_ON_READ
-        elif c == "d":
-            r, flags = util.bdrv_parse_discard_flags(g.optarg, flags)
-            if r < 0:
-                report.error(f"Invalid discard option: {g.optarg}")
-                return 1
-        elif c == "f":
+        taken = oo.parse(report, c, g.optarg)
+        if taken is False:
+            return 1
+        if taken:
+            continue
+        if c == "f":
             fmt = g.optarg
         elif c == "c":
             cmdline.append(g.optarg)
-        elif c == "r":
-            readonly = True
         elif c == "m":
             io.misalign = True
-        elif c == "k":
-            flags |= BDRV_O_NATIVE_AIO
-        elif c == "i":
-            r, flags = util.bdrv_parse_aio(g.optarg, flags)
-            if r < 0:
-                report.error(f"Invalid aio option: {g.optarg}")
-                return 1
-        elif c == "t":
-            r, flags, writethrough = util.bdrv_parse_cache_mode(g.optarg, flags)
-            if r < 0:
-                report.error(f"Invalid cache option: {g.optarg}")
-                return 1
         elif c == "T":
-            from qblock.trace.control import trace_opt_parse
-            try:
-                trace_opt_parse(g.optarg)
-            except Error as e:
-                report.error_err(e)
+            if not util.trace_opt_parse(report, g.optarg):
                 return 1
         elif c == "V":
             print(f"{PROG} version {QEMU_VERSION}\nCopyright (c) 2003-2022 Fabrice Bellard and the QEMU Project "
@@ -1791,8 +1758,6 @@ def _main(argv: list[str]) -> int:
         elif c == "h":
             usage(PROG)
             return 0
-        elif c == "U":
-            force_share = True
         elif c == "object":
             objects.append(g.optarg)
         elif c == "image-opts":
@@ -1807,14 +1772,9 @@ def _main(argv: list[str]) -> int:
     if fmt and io.image_opts:
         report.error("--image-opts and -f are mutually exclusive")
         return 1
-    for obj in objects:
-        try:
-            user_creatable_process_cmdline(obj)
-        except Error as e:
-            report.error_err(e)
-            return 1
-    if not readonly:
-        flags |= BDRV_O_RDWR
+    if not util.user_creatable_add_objects(report, objects):
+        return 1
+    flags, writethrough, force_share = oo.open_flags(), oo.writethrough, oo.force_share
     if args:
         if io.image_opts:
             try:
@@ -1838,28 +1798,7 @@ def _main(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Console-script entry point: run qemu-io's main and turn stray exceptions into one error line."""
-    from qblock.util.error import error_set_progname
-    error_set_progname(PROG)
-    argv = sys.argv[1:] if argv is None else argv
-    try:
-        status = _main(argv)
-    except ToolExit as e:
-        status = e.status
-    except KeyboardInterrupt:
-        status = 130
-    except BrokenPipeError:
-        status = 1
-    except Error as e:
-        util.Reporter(PROG).error_err(e)
-        status = 1
-    except Exception as e:  # noqa: BLE001 - one line, never a traceback
-        util.Reporter(PROG).error(f"internal error: {type(e).__name__}: {e}")
-        status = 1
-    try:
-        sys.stdout.flush()
-    except BrokenPipeError:
-        pass
-    return status
+    return util.tool_main(PROG, _main, argv)
 
 
 if __name__ == "__main__":

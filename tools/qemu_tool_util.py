@@ -1,19 +1,18 @@
 """What qemu-io and qemu-img share: glibc's getopt, QEMU's size parsing and printing, error reporting,
-cache/discard/aio mode parsing, JSON output in QDict order, and the progress meter.
+cache/discard/aio mode parsing, the progress meter, and the console-script entry point.
 
 Mirrors, in QEMU 7.2: glibc ``getopt_long`` (as both tools call it, with permutation and glibc's
 messages), ``qemu_strtosz`` (util/cutils.c), ``cvtstr`` (qemu-io-cmds.c), ``error_report``
 (util/qemu-error.c), ``bdrv_parse_cache_mode``/``bdrv_parse_discard_flags``/``bdrv_parse_aio``
-(block.c), ``qobject_to_json_pretty`` over a QDict (qobject/qdict.c, qobject/json-writer.c: keys
-come out in QDict's hash-bucket order, which is why qemu-img's JSON lists ``virtual-size`` before
-``filename``), and util/qemu-progress.c.
+(block.c), and util/qemu-progress.c.  JSON output in QDict order (which is why qemu-img's JSON
+lists ``virtual-size`` before ``filename``) is :mod:`qblock.qmp.qjson`'s, as QMP's is.
 """
 from __future__ import annotations
 
 import errno
 import math
 import sys
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from qblock.block.driver import (
     BDRV_O_CACHE_MASK,
@@ -74,6 +73,59 @@ def strerror(err: int) -> str:
     """The C library's strerror for a positive or negative errno."""
     from qblock.util.error import strerror as _strerror
     return _strerror(abs(err))
+
+
+def trace_opt_parse(report: Reporter, optarg: str) -> bool:
+    """The tools' ``-T``/``--trace`` option (trace/control.c); False after reporting an error."""
+    from qblock.trace.control import trace_opt_parse as _trace_opt_parse
+    from qblock.util.error import Error
+    try:
+        _trace_opt_parse(optarg)
+    except Error as e:
+        report.error_err(e)
+        return False
+    return True
+
+
+def user_creatable_add_objects(report: Reporter, objects: list[str]) -> bool:
+    """user_creatable_process_cmdline for every ``--object``; False after reporting the first error."""
+    from qblock.block.throttle_groups import user_creatable_process_cmdline
+    from qblock.util.error import Error
+    for obj in objects:
+        try:
+            user_creatable_process_cmdline(obj)
+        except Error as e:
+            report.error_err(e)
+            return False
+    return True
+
+
+def tool_main(prog: str, tool_main_fn: Callable[[list[str]], int], argv: list[str] | None) -> int:
+    """A tool's console-script entry point: run its main over ``argv`` (default: the command line)
+    and return the exit status, with a stray exception reported as one error line, never a traceback."""
+    from qblock.util.error import Error, error_set_progname
+    error_set_progname(prog)
+    report = Reporter(prog)
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        status = tool_main_fn(argv)
+    except ToolExit as e:
+        status = e.status
+    except KeyboardInterrupt:
+        status = 130
+    except BrokenPipeError:
+        status = 1
+    except Error as e:
+        report.error_err(e)
+        status = 1
+    except Exception as e:  # noqa: BLE001 - one line, never a traceback
+        report.error(f"internal error: {type(e).__name__}: {e}")
+        status = 1
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        pass
+    return status
 
 
 # --------------------------------------------------------------------------
@@ -456,91 +508,6 @@ def cache_options(flags: int) -> dict[str, str]:
     if flags & BDRV_O_NO_FLUSH:
         opts["cache.no-flush"] = "on"
     return opts
-
-
-# --------------------------------------------------------------------------
-# JSON in QDict order (qobject/qdict.c, qobject/json-writer.c)
-
-QDICT_BUCKET_MAX = 512
-
-
-def tdb_hash(name: str) -> int:
-    b = name.encode()
-    value = (0x238F13AF * len(b)) & 0xFFFFFFFF
-    for i, ch in enumerate(b):
-        value = (value + (ch << (i * 5 % 24))) & 0xFFFFFFFF
-    return (1103515243 * value + 12345) & 0xFFFFFFFF
-
-
-def qdict_order(keys: Iterable[str]) -> list[str]:
-    """The order in which QEMU iterates a QDict built by inserting ``keys`` in this order."""
-    buckets: dict[int, list[str]] = {}
-    for k in keys:
-        buckets.setdefault(tdb_hash(k) % QDICT_BUCKET_MAX, []).insert(0, k)
-    out: list[str] = []
-    for b in sorted(buckets):
-        out.extend(buckets[b])
-    return out
-
-
-def _json_str(s: str) -> str:
-    out = ['"']
-    for ch in s:
-        cp = ord(ch)
-        if ch == '"':
-            out.append('\\"')
-        elif ch == "\\":
-            out.append("\\\\")
-        elif ch == "\b":
-            out.append("\\b")
-        elif ch == "\f":
-            out.append("\\f")
-        elif ch == "\n":
-            out.append("\\n")
-        elif ch == "\r":
-            out.append("\\r")
-        elif ch == "\t":
-            out.append("\\t")
-        elif cp < 0x20 or cp == 0x7F:
-            out.append("\\u%04X" % cp)
-        elif cp >= 0x80:
-            if cp >= 0x10000:
-                cp -= 0x10000
-                out.append("\\u%04X\\u%04X" % (0xD800 | (cp >> 10), 0xDC00 | (cp & 0x3FF)))
-            else:
-                out.append("\\u%04X" % cp)
-        else:
-            out.append(ch)
-    out.append('"')
-    return "".join(out)
-
-
-def qobject_to_json_pretty(obj: Any, indent: int = 0) -> str:
-    """Pretty JSON as QEMU writes it: 4-space indents, dict keys in QDict order (dicts are given in
-    QAPI visit order, i.e. insertion order)."""
-    pad = "    " * (indent + 1)
-    end = "    " * indent
-    if isinstance(obj, bool):
-        return "true" if obj else "false"
-    if obj is None:
-        return "null"
-    if isinstance(obj, int):
-        return str(obj)
-    if isinstance(obj, float):
-        return repr(obj)
-    if isinstance(obj, str):
-        return _json_str(obj)
-    if isinstance(obj, dict):
-        if not obj:
-            return "{}"
-        items = [f"{pad}{_json_str(k)}: {qobject_to_json_pretty(obj[k], indent + 1)}" for k in qdict_order(obj)]
-        return "{\n" + ",\n".join(items) + "\n" + end + "}"
-    if isinstance(obj, (list, tuple)):
-        if not obj:
-            return "[]"
-        items = [pad + qobject_to_json_pretty(v, indent + 1) for v in obj]
-        return "[\n" + ",\n".join(items) + "\n" + end + "]"
-    raise TypeError(f"cannot convert {type(obj).__name__} to JSON")
 
 
 # --------------------------------------------------------------------------
