@@ -14,14 +14,26 @@ opens with ``O_DIRECT`` and probes ``request_alignment`` as QEMU does
 (reads of 1, 512, 1024, 2048, 4096 bytes until one works); buffers that are
 not aligned go through an aligned bounce buffer.
 
+Image locking is QEMU's: Linux OFD read locks on one byte per permission
+(100+bit while the node holds it, 200+bit while it does not share it),
+driven by the graph through ``bdrv_check_perm`` / ``bdrv_set_perm`` /
+``bdrv_abort_perm_update`` (QEMU's raw_handle_perm_lock with
+RAW_PL_PREPARE/COMMIT/ABORT, raw_apply_lock_bytes, raw_check_lock_bytes), with
+QEMU's messages (``Failed to get "write" lock`` and the hint ``Is another
+process using the image [FILE]?``); creation locks and checks before it
+truncates.  Closing the fd drops the locks.  Left out: raw_check_perm's switch
+to a read-write fd (raw_reconfigure_getfd, for auto-read-only and reopen).
+Only QEMU 7.2's four permissions have lock bytes (GRAPH_MOD, gone since 6.2,
+has none), so qblock's locks mean to a real QEMU what its own do.
+
 Options: ``filename`` (required), ``aio`` (``threads``; ``native`` is
 accepted with cache.direct=on and runs on threads too), ``locking``
-(``auto``/``on``/``off``; qblock takes no image locks — a difference from
-QEMU, which takes OFD locks); ``x-check-cache-dropped``, ``drop-cache``,
-``aio-max-batch`` and ``pr-manager`` are accepted and ignored.  Creation
-(``bdrv_co_create_opts``): ``size`` (rounded up to 512), ``preallocation``
-(off/falloc/full); ``nocow`` and ``extent_size_hint`` are accepted and
-ignored.
+(``auto``: lock when OFD locks exist; ``on``: lock, with QEMU's warning and
+POSIX locks when they do not; ``off``); ``x-check-cache-dropped``,
+``drop-cache``, ``aio-max-batch`` and ``pr-manager`` are accepted and
+ignored.  Creation (``bdrv_co_create_opts``): ``size`` (rounded up to 512),
+``preallocation`` (off/falloc/full); ``nocow`` and ``extent_size_hint`` are
+accepted and ignored.
 """
 from __future__ import annotations
 
@@ -31,6 +43,7 @@ import errno
 import mmap
 import os
 import stat
+import sys
 
 import attrs
 
@@ -38,6 +51,7 @@ from qblock.block.driver import (
     BDRV_BLOCK_DATA,
     BDRV_BLOCK_OFFSET_VALID,
     BDRV_BLOCK_ZERO,
+    BDRV_O_INACTIVE,
     BDRV_O_NOCACHE,
     BDRV_O_RDWR,
     BDRV_REQ_MAY_UNMAP,
@@ -48,8 +62,17 @@ from qblock.block.driver import (
     PreallocMode,
     bdrv_register,
 )
-from qblock.block.graph import bdrv_get_aio_context
+from qblock.block.graph import (
+    BLK_PERM_ALL,
+    BLK_PERM_CONSISTENT_READ,
+    BLK_PERM_RESIZE,
+    BLK_PERM_WRITE,
+    BLK_PERM_WRITE_UNCHANGED,
+    bdrv_get_aio_context,
+    bdrv_perm_names,
+)
 from qblock.util.error import Error, error_setg_errno, warn_report
+from qblock.util.osdep import qemu_has_ofd_lock, qemu_lock_fd, qemu_lock_fd_test, qemu_unlock_fd
 from qblock.util.iov import QEMUIOVector, qemu_iovec_memset, qemu_iovec_slice
 from qblock.util.qemu_option import (
     QEMU_OPT_BOOL,
@@ -97,6 +120,11 @@ class BDRVRawState:
     has_fallocate: bool = True
     page_cache_inconsistent: bool = False
     is_xfs: bool = False
+    use_lock: bool = False
+    perm: int = 0                   # what the graph last committed (raw_set_perm)
+    shared_perm: int = BLK_PERM_ALL
+    locked_perm: int = 0            # the bytes this fd holds now
+    locked_shared_perm: int = 0
 
 
 raw_runtime_opts = QemuOptsList("raw", [
@@ -115,6 +143,98 @@ file_create_opts = QemuOptsList("raw-create-opts", [
     QemuOptDesc("preallocation", QEMU_OPT_STRING, "Preallocation mode (allowed values: off, falloc, full)"),
     QemuOptDesc("extent_size_hint", QEMU_OPT_SIZE, "Extent size hint for the image file, 0 to disable"),
 ])
+
+
+# --------------------------------------------------------------------------
+# Image locking (raw_apply_lock_bytes, raw_check_lock_bytes, raw_handle_perm_lock)
+#
+# One byte per permission: RAW_LOCK_PERM_BASE + bit is read-locked while this
+# node holds the permission, RAW_LOCK_SHARED_BASE + bit while it does not
+# share it.  Locks are Linux OFD locks, owned by the open file description, so
+# two fds of one process conflict as two processes do.
+
+RAW_LOCK_PERM_BASE = 100
+RAW_LOCK_SHARED_BASE = 200
+# The permissions that have lock bytes: QEMU 7.2's BLK_PERM_ALL.  GRAPH_MOD
+# (removed in 6.2) gets none, so qblock's bytes mean to a real QEMU what its own do.
+RAW_LOCK_PERMS = BLK_PERM_CONSISTENT_READ | BLK_PERM_WRITE | BLK_PERM_WRITE_UNCHANGED | BLK_PERM_RESIZE
+
+
+def _perm_bits():
+    """(i, 1 << i) for each permission that has lock bytes (QEMU's PERM_FOREACH)."""
+    return [(i, 1 << i) for i in range(RAW_LOCK_PERMS.bit_length())]
+
+
+def raw_apply_lock_bytes(s: BDRVRawState | None, fd: int, perm_lock_bits: int, shared_perm_lock_bits: int,
+                         unlock: bool) -> None:
+    """Lock the bytes of ``perm_lock_bits`` and of ``shared_perm_lock_bits`` (the permissions NOT
+    shared); with ``unlock``, also unlock the bytes no longer needed.  ``s`` None: no record of what
+    is held, so lock (or unlock) every byte asked.  Raises Error."""
+    held = [s.locked_perm, s.locked_shared_perm] if s is not None else [BLK_PERM_ALL if unlock else 0] * 2
+    try:
+        for k, (base, want) in enumerate(((RAW_LOCK_PERM_BASE, perm_lock_bits),
+                                          (RAW_LOCK_SHARED_BASE, shared_perm_lock_bits))):
+            for i, bit in _perm_bits():
+                if want & bit and not held[k] & bit:
+                    if qemu_lock_fd(fd, base + i, 1, False):
+                        raise Error(f"Failed to lock byte {base + i}")
+                    held[k] |= bit
+                elif unlock and held[k] & bit and not want & bit:
+                    if qemu_unlock_fd(fd, base + i, 1):
+                        raise Error(f"Failed to unlock byte {base + i}")
+                    held[k] &= ~bit
+    finally:
+        if s is not None:
+            s.locked_perm, s.locked_shared_perm = held
+
+
+def raw_check_lock_bytes(fd: int, perm: int, shared_perm: int) -> None:
+    """Fail when another holder does not share a permission in ``perm``, or holds one we do not share."""
+    for i, bit in _perm_bits():
+        if perm & bit:
+            ret = qemu_lock_fd_test(fd, RAW_LOCK_SHARED_BASE + i, 1, True)
+            if ret:
+                raise Error(f'Failed to get "{bdrv_perm_names(bit)}" lock', errno=-ret)
+    for i, bit in _perm_bits():
+        if not shared_perm & bit:
+            ret = qemu_lock_fd_test(fd, RAW_LOCK_PERM_BASE + i, 1, True)
+            if ret:
+                raise Error(f'Failed to get shared "{bdrv_perm_names(bit)}" lock', errno=-ret)
+
+
+RAW_PL_PREPARE, RAW_PL_COMMIT, RAW_PL_ABORT = range(3)
+
+
+def _apply_quietly(s: BDRVRawState, perm_lock_bits: int, shared_perm_lock_bits: int) -> None:
+    # Only unlocks bytes, which cannot fail in theory; report it if it does.
+    try:
+        raw_apply_lock_bytes(s, s.fd, perm_lock_bits, shared_perm_lock_bits, True)
+    except Error as e:
+        warn_report(e.msg)
+
+
+def raw_handle_perm_lock(bs, op: int, new_perm: int, new_shared: int) -> None:
+    """The three steps of a permission change on the lock bytes; PREPARE raises Error (QEMU's messages)."""
+    s: BDRVRawState = bs.opaque
+    if not s.use_lock or bs.open_flags & BDRV_O_INACTIVE:
+        return
+    if op == RAW_PL_PREPARE:
+        if (s.perm | new_perm) == s.perm and (s.shared_perm & new_shared) == s.shared_perm:
+            return  # only unlocking is to come, in COMMIT or ABORT
+        try:
+            raw_apply_lock_bytes(s, s.fd, s.perm | new_perm, ~s.shared_perm | ~new_shared, False)
+            try:
+                raw_check_lock_bytes(s.fd, new_perm, new_shared)
+            except Error as e:
+                e.hint = f"Is another process using the image [{bs.filename}]?\n"
+                raise
+        except Error:
+            _apply_quietly(s, s.perm, ~s.shared_perm)  # back to the bytes of the committed state
+            raise
+    elif op == RAW_PL_ABORT:
+        _apply_quietly(s, s.perm, ~s.shared_perm)
+    else:
+        _apply_quietly(s, new_perm, ~new_shared)
 
 
 # --------------------------------------------------------------------------
@@ -265,6 +385,14 @@ class FileDriver(BlockDriver):
         locking = opts.get("locking", "auto")
         if locking not in ("auto", "on", "off"):
             raise Error(f"invalid parameter value: {locking}", hint="Valid values: on, off, auto")
+        if locking == "on":
+            s.use_lock = True
+            if not qemu_has_ofd_lock():
+                warn_report("File lock requested but OFD locking syscall is unavailable, "
+                            "falling back to POSIX file locks")
+                sys.stderr.write("Due to the implementation, locks can be lost unexpectedly.\n")
+        else:
+            s.use_lock = locking == "auto" and qemu_has_ofd_lock()
         os_flags = os.O_CLOEXEC | (os.O_RDWR if flags & BDRV_O_RDWR else os.O_RDONLY)
         if flags & BDRV_O_NOCACHE:
             os_flags |= getattr(os, "O_DIRECT", 0)
@@ -288,6 +416,7 @@ class FileDriver(BlockDriver):
             os.close(fd)
             raise
         s.fd = fd
+        s.perm, s.shared_perm = 0, BLK_PERM_ALL
         s.needs_alignment = bool(flags & BDRV_O_NOCACHE)
         bs.supported_zero_flags = BDRV_REQ_MAY_UNMAP | BDRV_REQ_NO_FALLBACK
         return 0
@@ -295,8 +424,23 @@ class FileDriver(BlockDriver):
     def bdrv_close(self, bs) -> None:
         s: BDRVRawState = bs.opaque
         if s.fd >= 0:
-            os.close(s.fd)
+            os.close(s.fd)  # drops every lock byte the fd held
             s.fd = -1
+            s.locked_perm = s.locked_shared_perm = 0
+
+    # -- permissions: the image locks ------------------------------------------
+
+    def bdrv_check_perm(self, bs, perm: int, shared: int) -> int:
+        raw_handle_perm_lock(bs, RAW_PL_PREPARE, perm, shared)
+        return 0
+
+    def bdrv_set_perm(self, bs, perm: int, shared: int) -> None:
+        s: BDRVRawState = bs.opaque
+        raw_handle_perm_lock(bs, RAW_PL_COMMIT, perm, shared)
+        s.perm, s.shared_perm = perm, shared
+
+    def bdrv_abort_perm_update(self, bs) -> None:
+        raw_handle_perm_lock(bs, RAW_PL_ABORT, 0, 0)
 
     # -- limits -----------------------------------------------------------
 
@@ -481,13 +625,27 @@ class FileDriver(BlockDriver):
         except OSError as e:
             raise error_setg_errno(e.errno, f"Could not create '{filename}'") from None
         try:
+            # Lock as a writer that resizes and lets nobody else resize, and check nobody objects.
+            perm, shared = BLK_PERM_WRITE | BLK_PERM_RESIZE, BLK_PERM_ALL & ~BLK_PERM_RESIZE
+            raw_apply_lock_bytes(None, fd, perm, ~shared, False)
             try:
-                os.ftruncate(fd, 0)
-            except OSError as e:
-                raise error_setg_errno(e.errno, "Could not clear the file") from None
-            ret = raw_regular_truncate(fd, size, prealloc, 0)
-            if ret < 0:
-                raise error_setg_errno(-ret, "Could not resize file")
+                try:
+                    raw_check_lock_bytes(fd, perm, shared)
+                except Error as e:
+                    e.hint = f"Is another process using the image [{filename}]?\n"
+                    raise
+                try:
+                    os.ftruncate(fd, 0)
+                except OSError as e:
+                    raise error_setg_errno(e.errno, "Could not clear the file") from None
+                ret = raw_regular_truncate(fd, size, prealloc, 0)
+                if ret < 0:
+                    raise error_setg_errno(-ret, "Could not resize file")
+            finally:
+                try:
+                    raw_apply_lock_bytes(None, fd, 0, 0, True)
+                except Error as e:
+                    warn_report(e.msg)
         finally:
             os.close(fd)
         return 0

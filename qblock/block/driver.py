@@ -278,8 +278,9 @@ class BlockDriver:
     bdrv_refresh_limits = None        # (bs) -> None; raise Error on failure
     bdrv_refresh_filename = None
     bdrv_child_perm = None            # (bs, c, role, reopen_queue, perm, shared) -> (nperm, nshared)
-    bdrv_set_perm = None
-    bdrv_abort_perm_update = None
+    bdrv_check_perm = None            # (bs, perm, shared) -> 0; raise Error to refuse the node's new cumulative perms
+    bdrv_set_perm = None              # (bs, perm, shared) -> None: commit what bdrv_check_perm accepted
+    bdrv_abort_perm_update = None     # (bs) -> None: forget what bdrv_check_perm accepted
 
     # Events, draining, batching
     bdrv_debug_event = None           # (bs, event)

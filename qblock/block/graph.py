@@ -22,7 +22,10 @@ What is here, by QEMU's names:
   of several steps (``bdrv_append``) is checked once, as QEMU 6.0+ does;
 * permissions: ``bdrv_default_perms`` and QEMU's conflict checks, applied
   to the whole affected subgraph in topological order and rolled back as a
-  unit on failure, with QEMU's messages naming both users;
+  unit on failure, with QEMU's messages naming both users; each node's new
+  cumulative perms go to its driver's ``bdrv_check_perm`` and are then
+  committed (``bdrv_set_perm``) or aborted (``bdrv_abort_perm_update``) with
+  the rest, as QEMU's transaction does (the file driver's image locks);
 * limits: ``bdrv_refresh_limits`` merging children's limits as QEMU does;
 * drain: ``bdrv_drained_begin``/``bdrv_drained_end``/``bdrv_drain_all_*``,
   from inside or outside coroutines;
@@ -716,6 +719,7 @@ def bdrv_list_refresh_perms(roots: list[BlockDriverState]) -> None:
     Raises Error (QEMU's messages) and restores every edge when a conflict is found.
     """
     undo: list[tuple[BdrvChild, int, int]] = []
+    checked: list[tuple[BlockDriverState, int, int]] = []  # nodes whose driver accepted new perms
     try:
         for bs in _bdrv_topological_order(roots):
             for a in bs.parents:
@@ -727,15 +731,38 @@ def bdrv_list_refresh_perms(roots: list[BlockDriverState]) -> None:
                 raise Error("Block node is read-only", errno=errno.EPERM)
             if bs.drv is None:
                 continue
+            bdrv_drv_set_perm(bs, cum_perm, cum_shared, checked)
             for c in bs.children:
                 nperm, nshared = _bdrv_child_perm(bs, c, cum_perm, cum_shared)
                 if (nperm, nshared) != (c.perm, c.shared_perm):
                     undo.append((c, c.perm, c.shared_perm))
                     c.perm, c.shared_perm = nperm, nshared
     except Error:
+        # The transaction's abort, newest first: drivers forget, edges get their old perms back.
+        for bs, _, _ in reversed(checked):
+            if bs.drv is not None and bs.drv.bdrv_abort_perm_update is not None:
+                bs.drv.bdrv_abort_perm_update(bs)
         for c, p, s in reversed(undo):
             c.perm, c.shared_perm = p, s
         raise
+    # The transaction's commit (QEMU's tran_commit also runs newest first).
+    for bs, perm, shared in reversed(checked):
+        if bs.drv is not None and bs.drv.bdrv_set_perm is not None:
+            bs.drv.bdrv_set_perm(bs, perm, shared)
+
+
+def bdrv_drv_set_perm(bs: BlockDriverState, perm: int, shared: int,
+                      checked: list[tuple[BlockDriverState, int, int]]) -> None:
+    """Ask the driver to check the node's new cumulative perms; on success the node joins ``checked``,
+    to be committed (bdrv_set_perm) or aborted (bdrv_abort_perm_update) with the rest of the update.
+
+    QEMU records the two as a transaction action (tran_add); here the caller's list is the transaction.
+    """
+    if bs.drv is None:
+        return
+    if bs.drv.bdrv_check_perm is not None:
+        bs.drv.bdrv_check_perm(bs, perm, shared)
+    checked.append((bs, perm, shared))
 
 
 def bdrv_refresh_perms(bs: BlockDriverState) -> None:
