@@ -100,6 +100,7 @@ from qblock.block.graph import (
     bdrv_getlength,
     bdrv_open,
     bdrv_primary_bs,
+    bdrv_refresh_perms,
     bdrv_skip_filters,
     bdrv_unref,
     path_has_protocol,
@@ -1351,7 +1352,10 @@ def _commit(top: BlockDriverState, base: BlockDriverState, prog: util.Progress) 
 
     QEMU's commit job reopens the base read-write; qblock has no reopen yet, so the base image is
     opened a second time, read-write, under its own BlockBackend.  Only ranges allocated above
-    the base are read, so the read-only instance's caches never see stale base data.
+    the base are read, so the read-only instance's caches never see stale base data.  The
+    read-only instance is made force-share first, as if it were the node being reopened: it
+    then stops locking write out of the image, and the image's lock bytes are those of one
+    read-write base (what a QEMU process holds during its commit).
     """
     from qblock.block.io import bdrv_is_allocated_above
     length = bdrv_getlength(top)
@@ -1359,6 +1363,7 @@ def _commit(top: BlockDriverState, base: BlockDriverState, prog: util.Progress) 
         return Error(f"Block job failed: {strerror(length)}")
     base_name = base.filename
     base_opts: dict[str, Any] = {"driver": base.drv.format_name}
+    _bdrv_force_share_subtree(base)
     try:
         base_blk = blk_new_open(base_name, None, base_opts, BDRV_O_RDWR | BDRV_O_UNMAP | BDRV_O_RESIZE)
     except Error as e:
@@ -1396,6 +1401,16 @@ def _commit(top: BlockDriverState, base: BlockDriverState, prog: util.Progress) 
         blk_unref(base_blk)
     prog.print(100.0, 0)
     return None
+
+
+def _bdrv_force_share_subtree(bs: BlockDriverState) -> None:
+    """Set force-share on ``bs`` and every node below it, and let their permissions follow."""
+    todo = [bs]
+    while todo:
+        node = todo.pop()
+        node.force_share = True
+        todo.extend(c.bs for c in node.children)
+    bdrv_refresh_perms(bs)
 
 
 # --------------------------------------------------------------------------

@@ -232,14 +232,18 @@ def test_nbdinfo_matches_qemu_nbd(servers, tmp_path, fmt):
     """nbdinfo --json and --map (base:allocation and qemu:allocation-depth) report the same as for qemu-nbd."""
     need("nbdinfo")
     qblock, qemu = servers
-    image = str(tmp_path / f"img.{fmt}")
+    # Both servers write-enable their image, so each gets its own (built the same way): the image
+    # locks keep two read-write users off one qcow2 file, in QEMU as in qblock.
+    image, qemu_image = str(tmp_path / f"img.{fmt}"), str(tmp_path / f"img-q.{fmt}")
     if fmt == "raw":
         make_image(image)
+        make_image(qemu_image)
         node = {"driver": "raw", "file.driver": "file", "file.filename": image}
     else:
         node = _qcow2_node(image)
+        _qcow2_node(qemu_image)
     s = qblock(node=node, export={"allocation-depth": True})
-    q = qemu(image, fmt, ("-A",))
+    q = qemu(qemu_image, fmt, ("-A",))
     assert _nbdinfo_json(s.run, s.uri()) == _nbdinfo_json(q.run, q.uri())
     for ctx in ("base:allocation", "qemu:allocation-depth"):
         ours = s.run(["nbdinfo", f"--map={ctx}", "--json", s.uri()])

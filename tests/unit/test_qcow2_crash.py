@@ -194,8 +194,10 @@ def verify(actual: bytes, base: bytes, events: list[str], stats: Stats) -> str |
     return None
 
 
-def qemu_check(path) -> dict:
-    r = subprocess.run(["qemu-img", "check", "--output=json", str(path)], capture_output=True, text=True)
+def qemu_check(path, force_share: bool = False) -> dict:
+    """qemu-img check's JSON report; ``force_share`` (-U) while the writer still holds the image open."""
+    r = subprocess.run(["qemu-img", "check", *(["-U"] if force_share else []), "--output=json", str(path)],
+                       capture_output=True, text=True)
     if not r.stdout.strip():
         return {"check-errors": 1, "error": r.stderr}
     d = json.loads(r.stdout)
@@ -283,7 +285,7 @@ def writer(wid: int, d: str, backing: str, kill_points: int, seed: int, stats: S
                         f.write("\n".join(events) + "\n")
             base = actual
             if kind == "lazy-refcounts":
-                chk = qemu_check(path)        # after qblock's writable open repaired it
+                chk = qemu_check(path, force_share=True)  # after qblock's writable open (still held) repaired it
                 local.leaks_seen += chk.get("leaks", 0)
                 if chk.get("corruptions") or chk.get("check-errors"):
                     local.corruptions += chk.get("corruptions", 0)
