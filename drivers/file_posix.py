@@ -21,8 +21,18 @@ driven by the graph through ``bdrv_check_perm`` / ``bdrv_set_perm`` /
 RAW_PL_PREPARE/COMMIT/ABORT, raw_apply_lock_bytes, raw_check_lock_bytes), with
 QEMU's messages (``Failed to get "write" lock`` and the hint ``Is another
 process using the image [FILE]?``); creation locks and checks before it
-truncates.  Closing the fd drops the locks.  Left out: raw_check_perm's switch
-to a read-write fd (raw_reconfigure_getfd, for auto-read-only and reopen).
+truncates.  Closing the fd drops the locks.
+
+Reopen (``bdrv_reopen_prepare``/``commit``/``abort``, as QEMU 3.x's
+raw_reopen_*): prepare opens a new fd with the new O_RDWR/O_RDONLY and
+O_DIRECT flags ("Could not reopen file") and probes its O_DIRECT alignment;
+commit moves the lock bytes the old fd holds onto the new one, closes the old
+one and swaps it in (the permission commit that follows then sets the bytes the
+new permissions want); abort closes the new fd.  Only ``drop-cache`` and
+``x-check-cache-dropped`` may change; ``locking``, ``aio`` and the rest must
+stay as they are.  Later QEMU: the new fd is opened in raw_check_perm
+(raw_reconfigure_getfd), which also serves auto-read-only; qblock has no
+auto-read-only switch.
 Only QEMU 7.2's four permissions have lock bytes (GRAPH_MOD, gone since 6.2,
 has none), so qblock's locks mean to a real QEMU what its own do.
 
@@ -125,6 +135,16 @@ class BDRVRawState:
     shared_perm: int = BLK_PERM_ALL
     locked_perm: int = 0            # the bytes this fd holds now
     locked_shared_perm: int = 0
+    drop_cache: bool = True
+    check_cache_dropped: bool = False
+
+
+@attrs.define
+class BDRVRawReopenState:
+    fd: int = -1                    # the new fd; -1 when the open flags do not change
+    open_flags: int = 0
+    drop_cache: bool = True
+    check_cache_dropped: bool = False
 
 
 raw_runtime_opts = QemuOptsList("raw", [
@@ -353,6 +373,43 @@ def handle_aiocb_flush(fd: int) -> int:
 # The driver
 
 
+def raw_parse_flags(bdrv_flags: int) -> int:
+    """The open(2) flags for the node's BDRV_O_* flags (QEMU's raw_parse_flags)."""
+    os_flags = os.O_CLOEXEC | (os.O_RDWR if bdrv_flags & BDRV_O_RDWR else os.O_RDONLY)
+    if bdrv_flags & BDRV_O_NOCACHE:
+        os_flags |= getattr(os, "O_DIRECT", 0)
+    return os_flags
+
+
+def raw_probe_alignment(fd: int) -> tuple[int, int]:
+    """With O_DIRECT, (request_alignment, buffer alignment) that ``fd`` accepts (QEMU's raw_probe_alignment).
+
+    Reads of 1, 512, 1024, 2048, 4096 bytes until one works.  A size of 1 that "works" is not
+    trusted: QEMU then falls back to the safe value, the larger of 4 KiB and the page size.
+    """
+    max_align = max(MAX_BLOCKSIZE, mmap.PAGESIZE)
+    buf = _aligned_buffer(2 * max_align)
+    mv = memoryview(buf)
+    try:
+        align = 0
+        for a in (1, 512, 1024, 2048, MAX_BLOCKSIZE):
+            if _io_works(fd, mv[:a]):
+                align = a if a != 1 else max_align
+                break
+        buf_align = 0
+        for a in (1, 512, 1024, 2048, MAX_BLOCKSIZE):
+            if _io_works(fd, mv[a:a + max_align]):
+                buf_align = a if a != 1 else max_align
+                break
+    finally:
+        mv.release()
+        buf.close()
+    if not align or not buf_align:
+        raise Error("Could not find working O_DIRECT alignment", errno=errno.EINVAL,
+                    hint="Try cache.direct=off")
+    return align, buf_align
+
+
 class FileDriver(BlockDriver):
     """Protocol ``file``: a regular file on the host."""
 
@@ -393,9 +450,9 @@ class FileDriver(BlockDriver):
                 sys.stderr.write("Due to the implementation, locks can be lost unexpectedly.\n")
         else:
             s.use_lock = locking == "auto" and qemu_has_ofd_lock()
-        os_flags = os.O_CLOEXEC | (os.O_RDWR if flags & BDRV_O_RDWR else os.O_RDONLY)
-        if flags & BDRV_O_NOCACHE:
-            os_flags |= getattr(os, "O_DIRECT", 0)
+        os_flags = raw_parse_flags(flags)
+        s.drop_cache = opts.get("drop-cache", True)
+        s.check_cache_dropped = opts.get("x-check-cache-dropped", False)
         s.filename = filename
         s.open_flags = os_flags
         try:
@@ -428,6 +485,56 @@ class FileDriver(BlockDriver):
             s.fd = -1
             s.locked_perm = s.locked_shared_perm = 0
 
+    # -- reopen ------------------------------------------------------------
+
+    def bdrv_reopen_prepare(self, state, queue) -> int:
+        s: BDRVRawState = state.bs.opaque
+        handled = {k: state.options.pop(k) for k in ("drop-cache", "x-check-cache-dropped") if k in state.options}
+        opts = qemu_opts_absorb_qdict(raw_runtime_opts, handled)
+        rs = BDRVRawReopenState(open_flags=raw_parse_flags(state.flags),
+                                drop_cache=opts.get("drop-cache", True),
+                                check_cache_dropped=opts.get("x-check-cache-dropped", False))
+        if rs.open_flags != s.open_flags:
+            try:
+                rs.fd = os.open(s.filename, rs.open_flags)
+            except OSError as e:
+                raise error_setg_errno(e.errno, "Could not reopen file") from None
+            if state.flags & BDRV_O_NOCACHE:
+                try:
+                    raw_probe_alignment(rs.fd)
+                except Error:
+                    os.close(rs.fd)
+                    raise
+        state.opaque = rs
+        return 0
+
+    def bdrv_reopen_commit(self, state) -> None:
+        s: BDRVRawState = state.bs.opaque
+        rs: BDRVRawReopenState = state.opaque
+        if rs.fd >= 0:
+            # The new fd takes the lock bytes the old one holds (read locks: no conflict between
+            # the two), so the image is never unlocked; closing the old fd drops its own.
+            held = s.locked_perm, s.locked_shared_perm
+            s.locked_perm = s.locked_shared_perm = 0
+            try:
+                raw_apply_lock_bytes(s, rs.fd, held[0], held[1], False)
+            except Error as e:
+                warn_report(e.msg)
+            os.close(s.fd)
+            s.fd = rs.fd
+            s.open_flags = rs.open_flags
+        s.needs_alignment = bool(state.flags & BDRV_O_NOCACHE)
+        s.drop_cache, s.check_cache_dropped = rs.drop_cache, rs.check_cache_dropped
+        state.opaque = None
+
+    def bdrv_reopen_abort(self, state) -> None:
+        rs: BDRVRawReopenState | None = state.opaque
+        if rs is None:
+            return
+        if rs.fd >= 0:
+            os.close(rs.fd)
+        state.opaque = None
+
     # -- permissions: the image locks ------------------------------------------
 
     def bdrv_check_perm(self, bs, perm: int, shared: int) -> int:
@@ -445,34 +552,9 @@ class FileDriver(BlockDriver):
     # -- limits -----------------------------------------------------------
 
     def _probe_alignment(self, bs) -> None:
-        """With O_DIRECT, find the read size and buffer alignment the file accepts (QEMU's raw_probe_alignment).
-
-        A size of 1 that "works" is not trusted: QEMU then falls back to the
-        safe value, the larger of 4 KiB and the page size.
-        """
+        """With O_DIRECT, the read size and buffer alignment the node's fd accepts."""
         s: BDRVRawState = bs.opaque
-        max_align = max(MAX_BLOCKSIZE, mmap.PAGESIZE)
-        buf = _aligned_buffer(2 * max_align)
-        mv = memoryview(buf)
-        try:
-            align = 0
-            for a in (1, 512, 1024, 2048, MAX_BLOCKSIZE):
-                if _io_works(s.fd, mv[:a]):
-                    align = a if a != 1 else max_align
-                    break
-            buf_align = 0
-            for a in (1, 512, 1024, 2048, MAX_BLOCKSIZE):
-                if _io_works(s.fd, mv[a:a + max_align]):
-                    buf_align = a if a != 1 else max_align
-                    break
-        finally:
-            mv.release()
-            buf.close()
-        if not align or not buf_align:
-            raise Error("Could not find working O_DIRECT alignment", errno=errno.EINVAL,
-                        hint="Try cache.direct=off")
-        bs.bl.request_alignment = align
-        s.buf_align = buf_align
+        bs.bl.request_alignment, s.buf_align = raw_probe_alignment(s.fd)
 
     def bdrv_refresh_limits(self, bs) -> None:
         s: BDRVRawState = bs.opaque

@@ -4,7 +4,8 @@ Passes every request to its ``file`` child, shifted by ``offset`` and kept
 inside ``size`` when those options are given (a request outside the window
 fails: -ENOSPC for writes, -EINVAL for reads, and nothing outside is
 touched).  FUA, write-zeroes flags, discard, flush, block status and
-truncate pass through; the limits are the child's.
+truncate pass through; the limits are the child's.  Reopen may change
+``offset`` and ``size`` (checked in prepare, applied in commit).
 
 A raw image whose format was probed rather than named is guarded as QEMU
 guards it: 512-byte alignment, and a write to the first sector whose content
@@ -112,6 +113,24 @@ class RawDriver(BlockDriver):
         s.offset = offset
         s.has_size = has_size
         s.size = size if has_size else real_size - offset
+
+    # -- reopen (raw_reopen_prepare/commit/abort): offset and size may change -----
+
+    def bdrv_reopen_prepare(self, state, queue) -> int:
+        opts = qemu_opts_absorb_qdict(raw_runtime_opts, state.options)
+        new = BDRVRawState()
+        self._apply_options(state.bs, new, opts.get("offset", 0), "size" in opts, opts.get("size", 0))
+        state.opaque = new
+        return 0
+
+    def bdrv_reopen_commit(self, state) -> None:
+        s: BDRVRawState = state.bs.opaque
+        new: BDRVRawState = state.opaque
+        s.offset, s.size, s.has_size = new.offset, new.size, new.has_size
+        state.opaque = None
+
+    def bdrv_reopen_abort(self, state) -> None:
+        state.opaque = None
 
     @staticmethod
     def _adjust_offset(bs, offset: int, bytes: int, is_write: bool) -> tuple[int, int]:

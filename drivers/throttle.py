@@ -16,8 +16,8 @@ Draining the node lets its queued requests go at once.
 
 Differences from QEMU: drain uses the plain ``bdrv_drain_begin``/``end``
 hooks of later QEMU (the seed has coroutine ones; the graph runs either);
-reopen (changing ``throttle-group`` on a live node) is not implemented,
-since qblock has no bdrv_reopen yet.
+reopen (changing ``throttle-group`` on a live node) is not implemented:
+without throttle_reopen_prepare, bdrv_reopen refuses the node.
 """
 from __future__ import annotations
 

@@ -17,6 +17,11 @@ One driver class with QEMU's hook names.  Metadata is handled under
 * whole-image hooks for qemu-img (specific info, measure, zero init,
   make empty in ``qcow2_info``; amend in ``qcow2_amend``).
 
+Reopen (``bdrv_reopen_prepare``/``commit``/``abort``) changes the runtime
+options (caches, lazy refcounts, overlap checks, discard passing) as
+qcow2_update_options_prepare/commit/abort do; going read-only first writes
+everything back and marks the image clean.  Bitmaps are not modelled.
+
 FUA is emulated by the block layer (a flush after the write), as for QEMU's
 qcow2.  Later QEMU runs the parts of a request as parallel aio tasks; qblock
 runs them in turn, as the 3.x driver did.
@@ -29,6 +34,7 @@ from qblock.block.driver import (
     BDRV_BLOCK_DATA,
     BDRV_BLOCK_OFFSET_VALID,
     BDRV_BLOCK_ZERO,
+    BDRV_O_RDWR,
     BDRV_REQ_MAY_UNMAP,
     BDRV_REQ_NO_FALLBACK,
     BDRV_SECTOR_SIZE,
@@ -47,6 +53,7 @@ from qblock.block.io import (
     bdrv_co_pwrite_sync,
     bdrv_co_pwritev_part,
     bdrv_co_truncate,
+    bdrv_flush,
     run_co_in,
 )
 from qblock.trace.events import (
@@ -99,6 +106,9 @@ from .qcow2_header import (
     qcow2_is_broken,
     qcow2_mark_clean,
     qcow2_runtime_opts,
+    qcow2_update_options_abort,
+    qcow2_update_options_commit,
+    qcow2_update_options_prepare,
 )
 from .qcow2_overlap import qcow2_pre_write_overlap_check
 from .qcow2_refcount import qcow2_refcount_close
@@ -209,6 +219,30 @@ class Qcow2Driver(BlockDriver):
         s.l2_table_cache = s.refcount_block_cache = None
         s.l1_table = []
         qcow2_refcount_close(bs)
+
+    # -- reopen (qcow2_reopen_prepare/commit/abort) ---------------------------
+
+    def bdrv_reopen_prepare(self, state, queue) -> int:
+        """Stage the new options; going read-only, write everything back and clear the dirty bit."""
+        bs = state.bs
+        state.opaque = _run_locked(bs, qcow2_update_options_prepare, bs, state.options, state.flags)
+        if not state.flags & BDRV_O_RDWR and bdrv_is_writable(bs):
+            ret = bdrv_flush(bs)
+            if ret >= 0:
+                ret = _run_locked(bs, qcow2_mark_clean, bs)
+            if ret < 0:
+                self.bdrv_reopen_abort(state)
+                return ret
+        return 0
+
+    def bdrv_reopen_commit(self, state) -> None:
+        qcow2_update_options_commit(state.bs, state.opaque)
+        state.opaque = None
+
+    def bdrv_reopen_abort(self, state) -> None:
+        if state.opaque is not None:
+            qcow2_update_options_abort(state.bs, state.opaque)
+        state.opaque = None
 
     @staticmethod
     def _inactivate(bs) -> int:

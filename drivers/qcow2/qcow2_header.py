@@ -23,6 +23,9 @@ from __future__ import annotations
 import errno
 import struct
 import sys
+from typing import Any
+
+import attrs
 
 from qblock.block.driver import BDRV_O_CHECK, BDRV_O_RDWR, BDRV_O_UNMAP, BDRV_SECTOR_SIZE
 from qblock.block.graph import bdrv_get_node_name, bdrv_is_writable
@@ -41,7 +44,7 @@ from qblock.util.qemu_option import (
 
 from qblock.block.io import bdrv_co_pread, bdrv_co_pwrite, bdrv_co_pwrite_sync
 
-from .qcow2_cache import qcow2_cache_create
+from .qcow2_cache import qcow2_cache_create, qcow2_cache_destroy, qcow2_cache_flush
 from .qcow2_h import (
     DEFAULT_L2_CACHE_MAX_SIZE,
     HDR_INCOMPAT_OFFSET,
@@ -248,8 +251,20 @@ def read_cache_sizes(bs, opts) -> tuple[int, int, int]:
     return l2_cache_size, l2_cache_entry_size, refcount_cache_size
 
 
-def qcow2_update_options(bs, options: dict, flags: int) -> None:
-    """Parse the runtime options and apply them (caches, lazy refcounts, overlap checks, discard passing)."""
+@attrs.define
+class Qcow2ReopenState:
+    """Options parsed and checked, waiting for commit (QEMU's Qcow2ReopenState)."""
+
+    l2_table_cache: Any = None
+    refcount_block_cache: Any = None
+    overlap_check: int = 0
+    use_lazy_refcounts: bool = False
+    discard_passthrough: list = attrs.field(factory=list)
+
+
+def qcow2_update_options_prepare(bs, options: dict, flags: int) -> Qcow2ReopenState:
+    """Parse and check the runtime options (caches, lazy refcounts, overlap checks, discard passing),
+    and create the new caches; nothing of the node changes yet.  Raises Error."""
     s = bs.opaque
     opts = qemu_opts_absorb_qdict(qcow2_runtime_opts, options)
     l2_cache_size, _entry_size, refcount_cache_size = read_cache_sizes(bs, opts)
@@ -284,15 +299,53 @@ def qcow2_update_options(bs, options: dict, flags: int) -> None:
     if s.crypt_method_header == QCOW_CRYPT_NONE and encrypt_format:
         raise Error(f"No encryption in image header, but options specified format '{encrypt_format}'")
 
-    s.l2_table_cache = qcow2_cache_create(bs, l2_entries, s.cluster_size, "l2_table_cache")
-    s.refcount_block_cache = qcow2_cache_create(bs, refcount_entries, s.cluster_size, "refcount_block_cache")
-    s.overlap_check = overlap_check
-    s.use_lazy_refcounts = use_lazy
-    s.discard_passthrough = [False] * 5
-    s.discard_passthrough[QCOW2_DISCARD_ALWAYS] = True
-    s.discard_passthrough[QCOW2_DISCARD_REQUEST] = opts.get(QCOW2_OPT_DISCARD_REQUEST, bool(flags & BDRV_O_UNMAP))
-    s.discard_passthrough[QCOW2_DISCARD_SNAPSHOT] = opts.get(QCOW2_OPT_DISCARD_SNAPSHOT, True)
-    s.discard_passthrough[QCOW2_DISCARD_OTHER] = opts.get(QCOW2_OPT_DISCARD_OTHER, False)
+    r = Qcow2ReopenState(overlap_check=overlap_check, use_lazy_refcounts=use_lazy)
+    r.discard_passthrough = [False] * 5
+    r.discard_passthrough[QCOW2_DISCARD_ALWAYS] = True
+    r.discard_passthrough[QCOW2_DISCARD_REQUEST] = opts.get(QCOW2_OPT_DISCARD_REQUEST, bool(flags & BDRV_O_UNMAP))
+    r.discard_passthrough[QCOW2_DISCARD_SNAPSHOT] = opts.get(QCOW2_OPT_DISCARD_SNAPSHOT, True)
+    r.discard_passthrough[QCOW2_DISCARD_OTHER] = opts.get(QCOW2_OPT_DISCARD_OTHER, False)
+    # Reopen: the old caches are written back before new ones replace them, and refcounts are
+    # settled before lazy refcounts are switched off.
+    if s.l2_table_cache is not None:
+        ret = qcow2_cache_flush(bs, s.l2_table_cache)
+        if ret:
+            raise error_setg_errno(-ret, "Failed to flush the L2 table cache")
+    if s.refcount_block_cache is not None:
+        ret = qcow2_cache_flush(bs, s.refcount_block_cache)
+        if ret:
+            raise error_setg_errno(-ret, "Failed to flush the refcount block cache")
+    if s.use_lazy_refcounts and not use_lazy:
+        ret = qcow2_mark_clean(bs)
+        if ret < 0:
+            raise error_setg_errno(-ret, "Failed to disable lazy refcounts")
+    r.l2_table_cache = qcow2_cache_create(bs, l2_entries, s.cluster_size, "l2_table_cache")
+    r.refcount_block_cache = qcow2_cache_create(bs, refcount_entries, s.cluster_size, "refcount_block_cache")
+    return r
+
+
+def qcow2_update_options_commit(bs, r: Qcow2ReopenState) -> None:
+    """Make the prepared options the node's (the old caches, already written back, go)."""
+    s = bs.opaque
+    if s.l2_table_cache is not None:
+        qcow2_cache_destroy(s.l2_table_cache)
+    if s.refcount_block_cache is not None:
+        qcow2_cache_destroy(s.refcount_block_cache)
+    s.l2_table_cache, s.refcount_block_cache = r.l2_table_cache, r.refcount_block_cache
+    s.overlap_check = r.overlap_check
+    s.use_lazy_refcounts = r.use_lazy_refcounts
+    s.discard_passthrough = r.discard_passthrough
+
+
+def qcow2_update_options_abort(bs, r: Qcow2ReopenState) -> None:
+    for c in (r.l2_table_cache, r.refcount_block_cache):
+        if c is not None:
+            qcow2_cache_destroy(c)
+
+
+def qcow2_update_options(bs, options: dict, flags: int) -> None:
+    """Parse the runtime options and apply them (open: prepare, then commit)."""
+    qcow2_update_options_commit(bs, qcow2_update_options_prepare(bs, options, flags))
 
 
 # --------------------------------------------------------------------------

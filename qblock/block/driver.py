@@ -235,9 +235,9 @@ class BlockDriver:
     bdrv_open = None                  # (bs, options, flags) -> int; raise Error on failure
     bdrv_file_open = None             # protocols may use this name instead, as in QEMU
     bdrv_close = None                 # (bs) -> None
-    bdrv_reopen_prepare = None
-    bdrv_reopen_commit = None
-    bdrv_reopen_abort = None
+    bdrv_reopen_prepare = None        # (state, queue) -> 0; raise Error to refuse (block/reopen.py)
+    bdrv_reopen_commit = None         # (state) -> None: make what prepare staged in state.opaque the node's
+    bdrv_reopen_abort = None          # (state) -> None: drop what prepare staged
     bdrv_co_create_opts = None        # (drv, filename, opts) -> int
     bdrv_co_create = None
 

@@ -25,7 +25,9 @@ What is here, by QEMU's names:
   unit on failure, with QEMU's messages naming both users; each node's new
   cumulative perms go to its driver's ``bdrv_check_perm`` and are then
   committed (``bdrv_set_perm``) or aborted (``bdrv_abort_perm_update``) with
-  the rest, as QEMU's transaction does (the file driver's image locks);
+  the rest, as QEMU's transaction does (the file driver's image locks); a
+  reopen passes its queue, whose new flags count, and keeps the update open
+  (``BdrvPermUpdate``) until its own commit or abort (block/reopen.py);
 * limits: ``bdrv_refresh_limits`` merging children's limits as QEMU does;
 * drain: ``bdrv_drained_begin``/``bdrv_drained_end``/``bdrv_drain_all_*``,
   from inside or outside coroutines;
@@ -291,6 +293,7 @@ class BlockDriverState:
     wr_highest_offset: int = 0
     io_plugged: int = 0
     probed: bool = False
+    inherits_from: "BlockDriverState | None" = None   # the parent whose options this node inherits (reopen)
     encrypted: bool = False
     sg: bool = False
     last_driver_exception: BaseException | None = None
@@ -484,6 +487,21 @@ def bdrv_is_writable(bs: BlockDriverState) -> bool:
     return not bs.read_only and not (bs.open_flags & BDRV_O_INACTIVE)
 
 
+def bdrv_reopen_get_flags(q, bs: BlockDriverState) -> int:
+    """The flags ``bs`` will have once the reopen queue ``q`` (a list of entries, or None) is committed."""
+    for entry in q or ():
+        if entry.state.bs is bs:
+            return entry.state.flags
+    return bs.open_flags
+
+
+def bdrv_is_writable_after_reopen(bs: BlockDriverState, q) -> bool:
+    """Whether ``bs`` is writable after the reopen in ``q`` (as now when ``q`` is None)."""
+    if q is None:
+        return bdrv_is_writable(bs)
+    return bdrv_reopen_get_flags(q, bs) & (BDRV_O_RDWR | BDRV_O_INACTIVE) == BDRV_O_RDWR
+
+
 def bdrv_is_inserted(bs: BlockDriverState | None) -> bool:
     """True when the node and every child have a driver (a medium)."""
     if bs is None:
@@ -641,7 +659,7 @@ def bdrv_default_perms(bs: BlockDriverState, c: BdrvChild | None, role: int, reo
     # Storage (a format's "file" or data child)
     perm, shared = bdrv_filter_default_perms(bs, c, role, reopen_queue, perm, shared)
     if role & BDRV_CHILD_METADATA:
-        if bdrv_is_writable(bs):
+        if bdrv_is_writable_after_reopen(bs, reopen_queue):
             perm |= BLK_PERM_WRITE | BLK_PERM_RESIZE
         if not bs.open_flags & BDRV_O_NO_IO:
             perm |= BLK_PERM_CONSISTENT_READ
@@ -662,17 +680,18 @@ def bdrv_child_user_desc(c: BdrvChild) -> str:
 
 
 def bdrv_child_perm(bs: BlockDriverState, child_bs: BlockDriverState | None, c: BdrvChild | None, role: int,
-                    perm: int, shared: int) -> tuple[int, int]:
-    """What ``bs`` needs from (and shares on) a child, given what its own parents use and share."""
+                    perm: int, shared: int, reopen_queue=None) -> tuple[int, int]:
+    """What ``bs`` needs from (and shares on) a child, given what its own parents use and share
+    (and, during a reopen, the flags the nodes of ``reopen_queue`` are about to get)."""
     hook = bs.drv.bdrv_child_perm if bs.drv is not None else None
-    nperm, nshared = (hook or bdrv_default_perms)(bs, c, role, None, perm, shared)
+    nperm, nshared = (hook or bdrv_default_perms)(bs, c, role, reopen_queue, perm, shared)
     if child_bs is not None and child_bs.force_share:
         nshared = BLK_PERM_ALL        # force-share=on: other writers are accepted on that node
     return nperm, nshared
 
 
-def _bdrv_child_perm(bs: BlockDriverState, c: BdrvChild, perm: int, shared: int) -> tuple[int, int]:
-    return bdrv_child_perm(bs, c.bs, c, c.role, perm, shared)
+def _bdrv_child_perm(bs: BlockDriverState, c: BdrvChild, perm: int, shared: int, q=None) -> tuple[int, int]:
+    return bdrv_child_perm(bs, c.bs, c, c.role, perm, shared, q)
 
 
 def bdrv_get_cumulative_perm(bs: BlockDriverState) -> tuple[int, int]:
@@ -713,13 +732,44 @@ def _bdrv_topological_order(roots: list[BlockDriverState]) -> list[BlockDriverSt
     return order
 
 
-def bdrv_list_refresh_perms(roots: list[BlockDriverState]) -> None:
+@attrs.define
+class BdrvPermUpdate:
+    """A permission update waiting to be committed or aborted (QEMU records it in a Transaction).
+
+    ``undo``: edges and their old perms; ``checked``: the nodes whose driver accepted new perms.
+    """
+
+    undo: list = attrs.field(factory=list)
+    checked: list = attrs.field(factory=list)
+
+    def abort(self) -> None:
+        """Newest first: drivers forget what they checked, edges get their old perms back."""
+        for bs, _, _ in reversed(self.checked):
+            if bs.drv is not None and bs.drv.bdrv_abort_perm_update is not None:
+                bs.drv.bdrv_abort_perm_update(bs)
+        for c, p, s in reversed(self.undo):
+            c.perm, c.shared_perm = p, s
+        self.checked.clear()
+        self.undo.clear()
+
+    def commit(self) -> None:
+        """QEMU's tran_commit also runs newest first."""
+        for bs, perm, shared in reversed(self.checked):
+            if bs.drv is not None and bs.drv.bdrv_set_perm is not None:
+                bs.drv.bdrv_set_perm(bs, perm, shared)
+        self.checked.clear()
+        self.undo.clear()
+
+
+def bdrv_list_refresh_perms(roots: list[BlockDriverState], q=None, tran: BdrvPermUpdate | None = None) -> None:
     """Recompute the permissions of every edge below ``roots`` and check them; all or nothing.
 
-    Raises Error (QEMU's messages) and restores every edge when a conflict is found.
+    Raises Error (QEMU's messages) and restores every edge when a conflict is found.  ``q`` is a
+    reopen queue whose new flags count instead of the nodes' current ones.  With ``tran`` given,
+    the update is left in it for the caller to commit or abort (bdrv_reopen_multiple); without,
+    it is committed (or aborted on error) here, as QEMU's bdrv_refresh_perms does.
     """
-    undo: list[tuple[BdrvChild, int, int]] = []
-    checked: list[tuple[BlockDriverState, int, int]] = []  # nodes whose driver accepted new perms
+    t = tran if tran is not None else BdrvPermUpdate()
     try:
         for bs in _bdrv_topological_order(roots):
             for a in bs.parents:
@@ -727,28 +777,25 @@ def bdrv_list_refresh_perms(roots: list[BlockDriverState]) -> None:
                     if a is not b:
                         _bdrv_a_allow_b(a, b)
             cum_perm, cum_shared = bdrv_get_cumulative_perm(bs)
-            if cum_perm & (BLK_PERM_WRITE | BLK_PERM_WRITE_UNCHANGED) and not bdrv_is_writable(bs):
-                raise Error("Block node is read-only", errno=errno.EPERM)
+            if cum_perm & (BLK_PERM_WRITE | BLK_PERM_WRITE_UNCHANGED) and not bdrv_is_writable_after_reopen(bs, q):
+                if not bdrv_is_writable(bs):
+                    raise Error("Block node is read-only", errno=errno.EPERM)
+                raise Error(f"Read-only block node '{bdrv_get_node_name(bs)}' cannot support read-write users",
+                            errno=errno.EPERM)
             if bs.drv is None:
                 continue
-            bdrv_drv_set_perm(bs, cum_perm, cum_shared, checked)
+            bdrv_drv_set_perm(bs, cum_perm, cum_shared, t.checked)
             for c in bs.children:
-                nperm, nshared = _bdrv_child_perm(bs, c, cum_perm, cum_shared)
+                nperm, nshared = _bdrv_child_perm(bs, c, cum_perm, cum_shared, q)
                 if (nperm, nshared) != (c.perm, c.shared_perm):
-                    undo.append((c, c.perm, c.shared_perm))
+                    t.undo.append((c, c.perm, c.shared_perm))
                     c.perm, c.shared_perm = nperm, nshared
     except Error:
-        # The transaction's abort, newest first: drivers forget, edges get their old perms back.
-        for bs, _, _ in reversed(checked):
-            if bs.drv is not None and bs.drv.bdrv_abort_perm_update is not None:
-                bs.drv.bdrv_abort_perm_update(bs)
-        for c, p, s in reversed(undo):
-            c.perm, c.shared_perm = p, s
+        if tran is None:
+            t.abort()
         raise
-    # The transaction's commit (QEMU's tran_commit also runs newest first).
-    for bs, perm, shared in reversed(checked):
-        if bs.drv is not None and bs.drv.bdrv_set_perm is not None:
-            bs.drv.bdrv_set_perm(bs, perm, shared)
+    if tran is None:
+        t.commit()
 
 
 def bdrv_drv_set_perm(bs: BlockDriverState, perm: int, shared: int,
@@ -1389,6 +1436,7 @@ def bdrv_open_inherit(filename: str | None, reference: str | None, options: dict
         bs = bdrv_lookup_bs(reference, reference)
         bdrv_ref(bs)
         return bs
+    explicit_options = dict(options)    # what was asked of this node, before inheriting from the parent
     if parent is not None:
         # A parent without a driver yet is being probed: it will be a format.
         parent_is_format = parent.drv is None or parent.drv.is_format
@@ -1429,8 +1477,9 @@ def bdrv_open_inherit(filename: str | None, reference: str | None, options: dict
             options.pop("filename", None)
 
     bs = bdrv_new()
-    bs.explicit_options = dict(options)
+    bs.explicit_options = explicit_options
     bs.open_flags = flags
+    bs.inherits_from = parent
     file_bs = None
     try:
         if not flags & BDRV_O_PROTOCOL:
