@@ -90,6 +90,10 @@ from qblock.block.driver import (
 from qblock.block.graph import (
     BLK_PERM_ALL,
     BLK_PERM_CONSISTENT_READ,
+    BLK_PERM_GRAPH_MOD,
+    BLK_PERM_RESIZE,
+    BLK_PERM_WRITE,
+    BLK_PERM_WRITE_UNCHANGED,
     BDRV_CHILD_DATA,
     BDRV_CHILD_FILTERED,
     BDRV_CHILD_METADATA,
@@ -98,13 +102,14 @@ from qblock.block.graph import (
     bdrv_find_protocol,
     bdrv_get_full_backing_filename,
     bdrv_getlength,
+    bdrv_is_read_only,
     bdrv_open,
     bdrv_primary_bs,
-    bdrv_refresh_perms,
     bdrv_skip_filters,
     bdrv_unref,
     path_has_protocol,
 )
+from qblock.block.reopen import bdrv_reopen_set_read_only
 from qblock.block.check import BDRV_FIX_ERRORS, BDRV_FIX_LEAKS, BdrvCheckResult, bdrv_check
 from qblock.qmp.qjson import qobject_to_json, qobject_to_json_pretty
 from qblock.util.aio import aio_poll, qemu_get_aio_context
@@ -1350,23 +1355,27 @@ def img_commit(argv: list[str]) -> int:
 def _commit(top: BlockDriverState, base: BlockDriverState, prog: util.Progress) -> Error | None:
     """Copy what lies above ``base`` in ``top``'s chain into ``base`` (the commit job's copy loop).
 
-    QEMU's commit job reopens the base read-write; qblock has no reopen yet, so the base image is
-    opened a second time, read-write, under its own BlockBackend.  Only ranges allocated above
-    the base are read, so the read-only instance's caches never see stale base data.  The
-    read-only instance is made force-share first, as if it were the node being reopened: it
-    then stops locking write out of the image, and the image's lock bytes are those of one
-    read-write base (what a QEMU process holds during its commit).
+    As QEMU's commit job does, the base is reopened read-write (bdrv_reopen_set_read_only) for
+    the copy, written through a BlockBackend of its own that shares only reading, and reopened
+    read-only again at the end.  Only ranges allocated above the base are copied.
     """
     from qblock.block.io import bdrv_is_allocated_above
     length = bdrv_getlength(top)
     if length < 0:
         return Error(f"Block job failed: {strerror(length)}")
-    base_name = base.filename
-    base_opts: dict[str, Any] = {"driver": base.drv.format_name}
-    _bdrv_force_share_subtree(base)
+    base_read_only = bdrv_is_read_only(base)
+    if base_read_only:
+        try:
+            bdrv_reopen_set_read_only(base, False)
+        except Error as e:
+            return e
+    base_blk = blk_new(qemu_get_aio_context(), BLK_PERM_CONSISTENT_READ | BLK_PERM_WRITE | BLK_PERM_RESIZE,
+                       BLK_PERM_CONSISTENT_READ | BLK_PERM_GRAPH_MOD | BLK_PERM_WRITE_UNCHANGED)
     try:
-        base_blk = blk_new_open(base_name, None, base_opts, BDRV_O_RDWR | BDRV_O_UNMAP | BDRV_O_RESIZE)
+        blk_insert_bs(base_blk, base)
     except Error as e:
+        blk_unref(base_blk)
+        _commit_base_read_only(base, base_read_only)
         return e
     top_blk = blk_new(qemu_get_aio_context(), BLK_PERM_CONSISTENT_READ, BLK_PERM_ALL)
     try:
@@ -1399,18 +1408,18 @@ def _commit(top: BlockDriverState, base: BlockDriverState, prog: util.Progress) 
     finally:
         blk_unref(top_blk)
         blk_unref(base_blk)
+        _commit_base_read_only(base, base_read_only)
     prog.print(100.0, 0)
     return None
 
 
-def _bdrv_force_share_subtree(bs: BlockDriverState) -> None:
-    """Set force-share on ``bs`` and every node below it, and let their permissions follow."""
-    todo = [bs]
-    while todo:
-        node = todo.pop()
-        node.force_share = True
-        todo.extend(c.bs for c in node.children)
-    bdrv_refresh_perms(bs)
+def _commit_base_read_only(base: BlockDriverState, base_read_only: bool) -> None:
+    """Give the base back its read-only state (commit_clean); a failure here is not the job's."""
+    if base_read_only:
+        try:
+            bdrv_reopen_set_read_only(base, True)
+        except Error:
+            pass
 
 
 # --------------------------------------------------------------------------

@@ -9,13 +9,11 @@ qemu-iotests scripts and a user's habits carry over::
 Without ``-c`` it reads commands at a ``qemu-io> `` prompt (with readline history on a
 terminal).  The exit status is 1 when a command failed (qemu-io's ``last_error``), else 0.  The
 messages carry qemu-io's name (``qemu-io: can't open device ...``) so that golden outputs of
-qemu-iotests match.
+qemu-iotests match.  ``reopen`` runs qblock's reopen transaction (``bdrv_reopen``, see
+qblock/block/reopen.py) as qemu-io's reopen_f does.
 
 Differences from qemu-io 7.2:
 
-* ``reopen`` closes and reopens the graph under the same BlockBackend with the changed
-  options (qblock has no bdrv_reopen transaction yet); what it accepts and refuses follows
-  bdrv_reopen_prepare's messages.
 * ``open -s``/``-s`` (temporary snapshot overlay) is refused: qblock cannot create the
   temporary qcow2 overlay.
 * ``read -b``/``write -b`` (VM state) use the ``bdrv_load_vmstate``/``bdrv_save_vmstate`` hooks
@@ -49,14 +47,12 @@ from qblock.block.block_backend import (
     blk_get_perm,
     blk_get_stats,
     blk_getlength,
-    blk_insert_bs,
     blk_is_available,
     blk_new_open,
     blk_pdiscard,
     blk_pread,
     blk_pwrite,
     blk_pwrite_zeroes,
-    blk_remove_bs,
     blk_set_enable_write_cache,
     blk_set_perm,
     blk_truncate,
@@ -91,11 +87,11 @@ from qblock.block.graph import (
     bdrv_debug_is_suspended,
     bdrv_debug_remove_breakpoint,
     bdrv_debug_resume,
+    bdrv_drain,
     bdrv_drain_all,
-    bdrv_open,
     bdrv_primary_bs,
-    bdrv_unref,
 )
+from qblock.block.reopen import bdrv_reopen
 from qblock.qmp.qjson import qdict_keys
 from qblock.util.aio import aio_poll, qemu_get_aio_context
 from qblock.util.error import Error
@@ -401,7 +397,6 @@ class QemuIO:
         self.image_opts = False
         self.misalign = False
         self.report = util.Reporter(PROG)
-        self.open_args: tuple | None = None   # what the open BlockBackend was opened with (for reopen)
         self.cmdtab: list[CmdInfo] = []
         for ci in _command_table(self):
             self.add_command(ci)
@@ -564,7 +559,6 @@ class QemuIO:
             self.report.error_err(e, f"can't open{where}: ")
             return 1
         blk_set_enable_write_cache(self.blk, not writethrough)
-        self.open_args = (name, flags, dict(opts))
         return 0
 
 
@@ -1343,6 +1337,12 @@ def _command_table(io: QemuIO) -> list[CmdInfo]:
                 return io.bad_usage(reopen_cmd)
         if g.optind != len(g.argv):
             return io.bad_usage(reopen_cmd)
+        if not flags & BDRV_O_RDWR:
+            # The BlockBackend gives up writing before the options are even checked (as
+            # qemu-io's reopen_f), and does not get it back when the reopen fails.
+            bdrv_drain(bs)
+            orig_perm, orig_shared_perm = blk_get_perm(blk)
+            blk_set_perm(blk, orig_perm & ~(BLK_PERM_WRITE | BLK_PERM_WRITE_UNCHANGED), orig_shared_perm)
         if "read-only" in opts:
             if has_rw_option:
                 io.report.error("Cannot set both -r/-w and 'read-only'")
@@ -1357,7 +1357,7 @@ def _command_table(io: QemuIO) -> list[CmdInfo]:
             opts["cache.direct"] = "on" if flags & BDRV_O_NOCACHE else "off"
             opts["cache.no-flush"] = "on" if flags & BDRV_O_NO_FLUSH else "off"
         try:
-            io_reopen(io, blk, opts)
+            bdrv_reopen(bs, opts, True)
         except Error as e:
             io.report.error_err(e)
             return -errno.EINVAL
@@ -1489,7 +1489,6 @@ def _command_table(io: QemuIO) -> list[CmdInfo]:
     def close_f(blk, argv) -> int:
         blk_unref(io.blk)
         io.blk = None
-        io.open_args = None
         return 0
 
     close_cmd = CmdInfo("close", close_f, altname="c", oneline="close the current open file")
@@ -1570,60 +1569,6 @@ def _command_table(io: QemuIO) -> list[CmdInfo]:
             flush_cmd, truncate_cmd, length_cmd, info_cmd, discard_cmd, alloc_cmd, map_cmd, reopen_cmd,
             break_cmd, remove_break_cmd, resume_cmd, wait_break_cmd, abort_cmd, sleep_cmd, sigraise_cmd,
             quit_cmd, open_cmd, close_cmd]
-
-
-# --------------------------------------------------------------------------
-# reopen, done as close + open under the same BlockBackend
-
-_REOPEN_KEYS = {"read-only", "auto-read-only", "cache.direct", "cache.no-flush", "discard", "detect-zeroes",
-                "force-share"}
-
-
-def io_reopen(io: QemuIO, blk: BlockBackend, changes: dict[str, str]) -> None:
-    """Reopen the BlockBackend's graph with ``changes`` applied (qblock has no bdrv_reopen yet).
-
-    Like bdrv_reopen_prepare, options the drivers do not know are refused with "Cannot change
-    the option '...'".  On failure the old graph is opened again and the error raised.
-    """
-    bs = blk_bs(blk)
-    known = set(_REOPEN_KEYS)
-    n = bs
-    prefix = ""
-    while n is not None and n.drv is not None:
-        if n.drv.runtime_opts is not None:
-            known.update(prefix + name for name in n.drv.runtime_opts.names())
-        child = bdrv_primary_bs(n)
-        if child is None:
-            break
-        prefix += "file." if n.file is not None and n.file.bs is child else "backing."
-        n = child
-    for key in changes:
-        if key not in known:
-            raise Error(f"Cannot change the option '{key}'")
-    name, flags, opts = io.open_args if io.open_args is not None else (None, bs.open_flags, {})
-    new_opts = dict(opts)
-    new_opts.update(changes)
-    ro = new_opts.get("read-only") in ("on", "true", "yes", True)
-    new_flags = (flags & ~BDRV_O_RDWR) | (0 if ro else BDRV_O_RDWR)
-    for key, bit in (("cache.direct", BDRV_O_NOCACHE), ("cache.no-flush", BDRV_O_NO_FLUSH)):
-        if key in new_opts:
-            new_flags = (new_flags | bit) if new_opts[key] in ("on", "true", "yes", True) else (new_flags & ~bit)
-    perm, shared = blk_get_perm(blk)
-    if ro:
-        perm &= ~(BLK_PERM_WRITE | BLK_PERM_WRITE_UNCHANGED | BLK_PERM_RESIZE)
-    bdrv_drain_all()
-    blk_remove_bs(blk)
-    try:
-        new_bs = bdrv_open(name, None, dict(new_opts), new_flags)
-    except Error:
-        old_bs = bdrv_open(name, None, dict(opts), flags)
-        blk_insert_bs(blk, old_bs)
-        bdrv_unref(old_bs)
-        raise
-    blk.perm, blk.shared_perm = perm, shared
-    blk_insert_bs(blk, new_bs)
-    bdrv_unref(new_bs)
-    io.open_args = (name, new_flags, new_opts)
 
 
 # --------------------------------------------------------------------------
