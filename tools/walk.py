@@ -77,7 +77,7 @@ STAGE_MODULES: list[tuple[str, str, list[str]]] = [
 DRIVER_MODULES: list[tuple[str, str, str]] = [
     ("qblock.drivers.null", "block/null.c", "null_"),
     ("qblock.drivers.raw", "block/raw-format.c", "raw_"),
-    ("qblock.drivers.file_posix", "block/file-posix.c", "raw_"),
+    ("qblock.drivers.file_posix.file_posix", "block/file-posix.c", "raw_"),
     ("qblock.drivers.throttle", "block/throttle.c", "throttle_"),
     ("qblock.drivers.blkdebug", "block/blkdebug.c", "blkdebug_"),
     ("qblock.drivers.blkverify", "block/blkverify.c", "blkverify_"),

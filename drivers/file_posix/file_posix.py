@@ -47,8 +47,6 @@ accepted and ignored.
 """
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import errno
 import mmap
 import os
@@ -61,29 +59,23 @@ from qblock.block.driver import (
     BDRV_BLOCK_DATA,
     BDRV_BLOCK_OFFSET_VALID,
     BDRV_BLOCK_ZERO,
-    BDRV_O_INACTIVE,
     BDRV_O_NOCACHE,
-    BDRV_O_RDWR,
     BDRV_REQ_MAY_UNMAP,
     BDRV_REQ_NO_FALLBACK,
     BDRV_SECTOR_SIZE,
     IOV_MAX,
     BlockDriver,
     PreallocMode,
-    bdrv_register,
 )
 from qblock.block.graph import (
     BLK_PERM_ALL,
-    BLK_PERM_CONSISTENT_READ,
     BLK_PERM_RESIZE,
     BLK_PERM_WRITE,
-    BLK_PERM_WRITE_UNCHANGED,
     bdrv_get_aio_context,
-    bdrv_perm_names,
 )
 from qblock.util.error import Error, error_setg_errno, warn_report
-from qblock.util.osdep import qemu_has_ofd_lock, qemu_lock_fd, qemu_lock_fd_test, qemu_unlock_fd
-from qblock.util.iov import QEMUIOVector, qemu_iovec_memset, qemu_iovec_slice
+from qblock.util.osdep import qemu_has_ofd_lock
+from qblock.util.iov import QEMUIOVector, qemu_iovec_slice
 from qblock.util.qemu_option import (
     QEMU_OPT_BOOL,
     QEMU_OPT_SIZE,
@@ -94,29 +86,26 @@ from qblock.util.qemu_option import (
 )
 from qblock.util.thread_pool import thread_pool_submit_co
 
-FALLOC_FL_KEEP_SIZE = 0x01
-FALLOC_FL_PUNCH_HOLE = 0x02
-FALLOC_FL_ZERO_RANGE = 0x10
-MAX_BLOCKSIZE = 4096
-
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-_fallocate = getattr(_libc, "fallocate", None)
-if _fallocate is not None:
-    _fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-    _fallocate.restype = ctypes.c_int
-
-
-def do_fallocate(fd: int, mode: int, offset: int, length: int) -> int:
-    """fallocate(2); 0 or a negative errno (-ENOTSUP where the call or mode is missing)."""
-    if _fallocate is None:
-        return -errno.ENOTSUP
-    if _fallocate(fd, mode, offset, length) == 0:
-        return 0
-    err = ctypes.get_errno()
-    if err in (errno.ENODEV, errno.ENOSYS, errno.EOPNOTSUPP):
-        return -errno.ENOTSUP  # QEMU's translate_err
-    return -err
-
+from .file_posix_aio import (
+    FALLOC_FL_KEEP_SIZE,
+    FALLOC_FL_PUNCH_HOLE,
+    FALLOC_FL_ZERO_RANGE,
+    RawPosixAIOData,
+    _qiov_is_aligned,
+    do_fallocate,
+    handle_aiocb_flush,
+    handle_aiocb_rw,
+    raw_parse_flags,
+    raw_probe_alignment,
+)
+from .file_posix_lock import (
+    RAW_PL_ABORT,
+    RAW_PL_COMMIT,
+    RAW_PL_PREPARE,
+    raw_apply_lock_bytes,
+    raw_check_lock_bytes,
+    raw_handle_perm_lock,
+)
 
 @attrs.define
 class BDRVRawState:
@@ -163,251 +152,6 @@ file_create_opts = QemuOptsList("raw-create-opts", [
     QemuOptDesc("preallocation", QEMU_OPT_STRING, "Preallocation mode (allowed values: off, falloc, full)"),
     QemuOptDesc("extent_size_hint", QEMU_OPT_SIZE, "Extent size hint for the image file, 0 to disable"),
 ])
-
-
-# --------------------------------------------------------------------------
-# Image locking (raw_apply_lock_bytes, raw_check_lock_bytes, raw_handle_perm_lock)
-#
-# One byte per permission: RAW_LOCK_PERM_BASE + bit is read-locked while this
-# node holds the permission, RAW_LOCK_SHARED_BASE + bit while it does not
-# share it.  Locks are Linux OFD locks, owned by the open file description, so
-# two fds of one process conflict as two processes do.
-
-RAW_LOCK_PERM_BASE = 100
-RAW_LOCK_SHARED_BASE = 200
-# The permissions that have lock bytes: QEMU 7.2's BLK_PERM_ALL.  GRAPH_MOD
-# (removed in 6.2) gets none, so qblock's bytes mean to a real QEMU what its own do.
-RAW_LOCK_PERMS = BLK_PERM_CONSISTENT_READ | BLK_PERM_WRITE | BLK_PERM_WRITE_UNCHANGED | BLK_PERM_RESIZE
-
-
-def _perm_bits():
-    """(i, 1 << i) for each permission that has lock bytes (QEMU's PERM_FOREACH)."""
-    return [(i, 1 << i) for i in range(RAW_LOCK_PERMS.bit_length())]
-
-
-def raw_apply_lock_bytes(s: BDRVRawState | None, fd: int, perm_lock_bits: int, shared_perm_lock_bits: int,
-                         unlock: bool) -> None:
-    """Lock the bytes of ``perm_lock_bits`` and of ``shared_perm_lock_bits`` (the permissions NOT
-    shared); with ``unlock``, also unlock the bytes no longer needed.  ``s`` None: no record of what
-    is held, so lock (or unlock) every byte asked.  Raises Error."""
-    held = [s.locked_perm, s.locked_shared_perm] if s is not None else [BLK_PERM_ALL if unlock else 0] * 2
-    try:
-        for k, (base, want) in enumerate(((RAW_LOCK_PERM_BASE, perm_lock_bits),
-                                          (RAW_LOCK_SHARED_BASE, shared_perm_lock_bits))):
-            for i, bit in _perm_bits():
-                if want & bit and not held[k] & bit:
-                    if qemu_lock_fd(fd, base + i, 1, False):
-                        raise Error(f"Failed to lock byte {base + i}")
-                    held[k] |= bit
-                elif unlock and held[k] & bit and not want & bit:
-                    if qemu_unlock_fd(fd, base + i, 1):
-                        raise Error(f"Failed to unlock byte {base + i}")
-                    held[k] &= ~bit
-    finally:
-        if s is not None:
-            s.locked_perm, s.locked_shared_perm = held
-
-
-def raw_check_lock_bytes(fd: int, perm: int, shared_perm: int) -> None:
-    """Fail when another holder does not share a permission in ``perm``, or holds one we do not share."""
-    for i, bit in _perm_bits():
-        if perm & bit:
-            ret = qemu_lock_fd_test(fd, RAW_LOCK_SHARED_BASE + i, 1, True)
-            if ret:
-                raise Error(f'Failed to get "{bdrv_perm_names(bit)}" lock', errno=-ret)
-    for i, bit in _perm_bits():
-        if not shared_perm & bit:
-            ret = qemu_lock_fd_test(fd, RAW_LOCK_PERM_BASE + i, 1, True)
-            if ret:
-                raise Error(f'Failed to get shared "{bdrv_perm_names(bit)}" lock', errno=-ret)
-
-
-RAW_PL_PREPARE, RAW_PL_COMMIT, RAW_PL_ABORT = range(3)
-
-
-def _apply_quietly(s: BDRVRawState, perm_lock_bits: int, shared_perm_lock_bits: int) -> None:
-    # Only unlocks bytes, which cannot fail in theory; report it if it does.
-    try:
-        raw_apply_lock_bytes(s, s.fd, perm_lock_bits, shared_perm_lock_bits, True)
-    except Error as e:
-        warn_report(e.msg)
-
-
-def raw_handle_perm_lock(bs, op: int, new_perm: int, new_shared: int) -> None:
-    """The three steps of a permission change on the lock bytes; PREPARE raises Error (QEMU's messages)."""
-    s: BDRVRawState = bs.opaque
-    if not s.use_lock or bs.open_flags & BDRV_O_INACTIVE:
-        return
-    if op == RAW_PL_PREPARE:
-        if (s.perm | new_perm) == s.perm and (s.shared_perm & new_shared) == s.shared_perm:
-            return  # only unlocking is to come, in COMMIT or ABORT
-        try:
-            raw_apply_lock_bytes(s, s.fd, s.perm | new_perm, ~s.shared_perm | ~new_shared, False)
-            try:
-                raw_check_lock_bytes(s.fd, new_perm, new_shared)
-            except Error as e:
-                e.hint = f"Is another process using the image [{bs.filename}]?\n"
-                raise
-        except Error:
-            _apply_quietly(s, s.perm, ~s.shared_perm)  # back to the bytes of the committed state
-            raise
-    elif op == RAW_PL_ABORT:
-        _apply_quietly(s, s.perm, ~s.shared_perm)
-    else:
-        _apply_quietly(s, new_perm, ~new_shared)
-
-
-# --------------------------------------------------------------------------
-# Work done on the thread pool (QEMU's handle_aiocb_*)
-
-
-def _aligned_buffer(size: int) -> mmap.mmap:
-    """Page-aligned anonymous memory, good for O_DIRECT."""
-    return mmap.mmap(-1, max(size, 1))
-
-
-def _view_address(v: memoryview) -> int | None:
-    if v.readonly:
-        return None
-    return ctypes.addressof(ctypes.c_char.from_buffer(v)) if len(v) else 0
-
-
-def _io_works(fd: int, view: memoryview) -> bool:
-    try:
-        os.preadv(fd, [view], 0)
-    except OSError:
-        return False
-    return True
-
-
-def _qiov_is_aligned(s: BDRVRawState, qiov: QEMUIOVector) -> bool:
-    for v in qiov.iov:
-        addr = _view_address(v)
-        if addr is None or addr % s.buf_align or len(v) % s.buf_align:
-            return False
-    return True
-
-
-@attrs.define(eq=False)
-class RawPosixAIOData:
-    """One request handed to a worker thread (QEMU's RawPosixAIOData)."""
-
-    fd: int
-    offset: int
-    nbytes: int
-    iov: list
-    is_write: bool = False
-    bounce: bool = False
-
-
-def _rw_vector(fd: int, iov: list, offset: int, nbytes: int, is_write: bool) -> int:
-    """Transfer as much as the file takes; the byte count done (short at EOF for reads), or -errno."""
-    done = 0
-    views = list(iov)
-    while done < nbytes:
-        try:
-            if is_write:
-                n = os.pwritev(fd, views[:IOV_MAX], offset + done)
-            else:
-                n = os.preadv(fd, views[:IOV_MAX], offset + done)
-        except InterruptedError:
-            continue
-        except OSError as e:
-            return -(e.errno or errno.EIO)
-        if n == 0:
-            break
-        done += n
-        # Drop what was transferred from the front of the vector.
-        while views and n >= len(views[0]):
-            n -= len(views[0])
-            views.pop(0)
-        if n:
-            views[0] = views[0][n:]
-    return done
-
-
-def handle_aiocb_rw(acb: RawPosixAIOData) -> int:
-    if acb.bounce:
-        buf = _aligned_buffer(acb.nbytes)
-        mv = memoryview(buf)
-        try:
-            if acb.is_write:
-                pos = 0
-                for v in acb.iov:
-                    mv[pos:pos + len(v)] = v
-                    pos += len(v)
-                n = _rw_vector(acb.fd, [mv[:acb.nbytes]], acb.offset, acb.nbytes, True)
-            else:
-                n = _rw_vector(acb.fd, [mv[:acb.nbytes]], acb.offset, acb.nbytes, False)
-                if n >= 0:
-                    pos = 0
-                    for v in acb.iov:
-                        take = min(len(v), max(n - pos, 0))
-                        v[:take] = mv[pos:pos + take]
-                        pos += len(v)
-        finally:
-            mv.release()
-            buf.close()
-    else:
-        n = _rw_vector(acb.fd, acb.iov, acb.offset, acb.nbytes, acb.is_write)
-    if n < 0:
-        return n
-    if n == acb.nbytes:
-        return 0
-    if acb.is_write:
-        return -errno.EINVAL  # a short write
-    # A read that hit the end of the file: the rest reads as zeroes.
-    qemu_iovec_memset(QEMUIOVector(acb.iov, len(acb.iov)), n, 0, acb.nbytes - n)
-    return 0
-
-
-def handle_aiocb_flush(fd: int) -> int:
-    try:
-        os.fdatasync(fd)
-    except OSError as e:
-        return -(e.errno or errno.EIO)
-    return 0
-
-
-# --------------------------------------------------------------------------
-# The driver
-
-
-def raw_parse_flags(bdrv_flags: int) -> int:
-    """The open(2) flags for the node's BDRV_O_* flags (QEMU's raw_parse_flags)."""
-    os_flags = os.O_CLOEXEC | (os.O_RDWR if bdrv_flags & BDRV_O_RDWR else os.O_RDONLY)
-    if bdrv_flags & BDRV_O_NOCACHE:
-        os_flags |= getattr(os, "O_DIRECT", 0)
-    return os_flags
-
-
-def raw_probe_alignment(fd: int) -> tuple[int, int]:
-    """With O_DIRECT, (request_alignment, buffer alignment) that ``fd`` accepts (QEMU's raw_probe_alignment).
-
-    Reads of 1, 512, 1024, 2048, 4096 bytes until one works.  A size of 1 that "works" is not
-    trusted: QEMU then falls back to the safe value, the larger of 4 KiB and the page size.
-    """
-    max_align = max(MAX_BLOCKSIZE, mmap.PAGESIZE)
-    buf = _aligned_buffer(2 * max_align)
-    mv = memoryview(buf)
-    try:
-        align = 0
-        for a in (1, 512, 1024, 2048, MAX_BLOCKSIZE):
-            if _io_works(fd, mv[:a]):
-                align = a if a != 1 else max_align
-                break
-        buf_align = 0
-        for a in (1, 512, 1024, 2048, MAX_BLOCKSIZE):
-            if _io_works(fd, mv[a:a + max_align]):
-                buf_align = a if a != 1 else max_align
-                break
-    finally:
-        mv.release()
-        buf.close()
-    if not align or not buf_align:
-        raise Error("Could not find working O_DIRECT alignment", errno=errno.EINVAL,
-                    hint="Try cache.direct=off")
-    return align, buf_align
 
 
 class FileDriver(BlockDriver):
@@ -754,5 +498,4 @@ def raw_regular_truncate(fd: int, offset: int, prealloc: PreallocMode, current_l
     return 0
 
 
-bdrv_register(FileDriver)
 

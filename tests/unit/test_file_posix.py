@@ -155,7 +155,7 @@ def test_truncate_grows_and_shrinks(img):
 
 def test_flush_failure_poisons_later_flushes(img, monkeypatch):
     """After one failed fdatasync every later flush fails (QEMU's page_cache_inconsistent)."""
-    import qblock.drivers.file_posix as fp
+    import qblock.drivers.file_posix.file_posix_aio as fp  # where handle_aiocb_flush calls os.fdatasync
     blk = _open(img)
     blk_pwrite(blk, 0, b"x" * 512)
     monkeypatch.setattr(fp.os, "fdatasync", lambda fd: (_ for _ in ()).throw(OSError(errno.EIO, "boom")))
