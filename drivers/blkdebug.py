@@ -278,6 +278,11 @@ class BlkdebugDriver(BlockDriver):
     def bdrv_close(self, bs) -> None:
         bs.opaque.rules.clear()
 
+    def bdrv_reopen_prepare(self, state, queue) -> int:
+        # As blkdebug_reopen_prepare: nothing of its own can change; the generic check then refuses
+        # any changed option ("Cannot change the option ...") and accepts unchanged ones.
+        return 0
+
     def bdrv_refresh_limits(self, bs) -> None:
         s: BDRVBlkdebugState = bs.opaque
         if s.align:

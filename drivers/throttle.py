@@ -14,10 +14,12 @@ Reads, writes, write-zeroes and discards are throttled (the last two
 count as writes); flush, length and block status pass through to the child.
 Draining the node lets its queued requests go at once.
 
+Reopen (``throttle_reopen_prepare``/``commit``/``abort``): prepare checks the
+new ``throttle-group`` (it must exist), commit moves the member to that group
+when the name changed, abort drops what prepare staged.
+
 Differences from QEMU: drain uses the plain ``bdrv_drain_begin``/``end``
-hooks of later QEMU (the seed has coroutine ones; the graph runs either);
-reopen (changing ``throttle-group`` on a live node) is not implemented:
-without throttle_reopen_prepare, bdrv_reopen refuses the node.
+hooks of later QEMU (the seed has coroutine ones; the graph runs either).
 """
 from __future__ import annotations
 
@@ -45,6 +47,7 @@ from qblock.block.throttle_groups import (
     throttle_group_co_io_limits_intercept,
     throttle_group_detach_aio_context,
     throttle_group_exists,
+    throttle_group_get_name,
     throttle_group_register_tgm,
     throttle_group_restart_tgm,
     throttle_group_unregister_tgm,
@@ -92,6 +95,22 @@ class ThrottleDriver(BlockDriver):
 
     def bdrv_close(self, bs) -> None:
         throttle_group_unregister_tgm(bs.opaque)
+
+    def bdrv_reopen_prepare(self, state, queue) -> int:
+        state.opaque = throttle_parse_options(state.options)   # raises Error: nothing staged then
+        return 0
+
+    def bdrv_reopen_commit(self, state) -> None:
+        bs = state.bs
+        tgm: ThrottleGroupMember = bs.opaque
+        group = state.opaque
+        if group != throttle_group_get_name(tgm):
+            throttle_group_unregister_tgm(tgm)
+            throttle_group_register_tgm(tgm, group, bdrv_get_aio_context(bs))
+        state.opaque = None
+
+    def bdrv_reopen_abort(self, state) -> None:
+        state.opaque = None
 
     def bdrv_child_perm(self, bs, c, role, reopen_queue, perm: int, shared: int) -> tuple[int, int]:
         return bdrv_filter_default_perms(bs, c, role, reopen_queue, perm, shared)

@@ -782,6 +782,12 @@ def bdrv_list_refresh_perms(roots: list[BlockDriverState], q=None, tran: BdrvPer
                     raise Error("Block node is read-only", errno=errno.EPERM)
                 raise Error(f"Read-only block node '{bdrv_get_node_name(bs)}' cannot support read-write users",
                             errno=errno.EPERM)
+            # Unaligned writes are padded to request_alignment; without RESIZE the padding could not
+            # reach past the end, so a writer needs an aligned image size.
+            if cum_perm & (BLK_PERM_WRITE | BLK_PERM_WRITE_UNCHANGED) and not cum_perm & BLK_PERM_RESIZE and \
+                    (bs.total_sectors * BDRV_SECTOR_SIZE) % bs.bl.request_alignment:
+                raise Error("Cannot get 'write' permission without 'resize': Image size is not a multiple of "
+                            "request alignment", errno=errno.EPERM)
             if bs.drv is None:
                 continue
             bdrv_drv_set_perm(bs, cum_perm, cum_shared, t.checked)

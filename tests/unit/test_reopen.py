@@ -357,3 +357,39 @@ def test_qemu_io_reopen_compat(tools, fmt, case):
     assert (b.out, b.err, b.rc) == (q.out, q.err, q.rc)
     with open(os.path.join(dq, "t.img"), "rb") as fq, open(os.path.join(db, "t.img"), "rb") as fb:
         assert fb.read() == fq.read()
+
+
+FILTER_CASES = {
+    "throttle": ["--object", "throttle-group,id=tg0,x-bps-total=1048576", "--object", "throttle-group,id=tg1",
+                 "--image-opts", "driver=throttle,throttle-group=tg0,file.driver=qcow2,file.file.driver=file,"
+                 "file.file.filename=t.img",
+                 "-c", "reopen -o throttle-group=tg1", "-c", "write -P 5 0 4k", "-c", "reopen -o throttle-group=nope",
+                 "-c", "reopen -r", "-c", "write 0 4k", "-c", "reopen -w", "-c", "read -P 5 0 4k"],
+    "blkdebug": ["--image-opts", "driver=blkdebug,align=4096,image.driver=file,image.filename=t.img",
+                 "-c", "reopen -r", "-c", "write 0 4k", "-c", "reopen -o align=512", "-c", "reopen -o align=4096",
+                 "-c", "reopen -w", "-c", "write -P 9 0 4k", "-c", "read -P 9 0 4k"],
+}
+
+
+@needs_qemu
+@pytest.mark.parametrize("name", list(FILTER_CASES))
+def test_qemu_io_reopen_filters_compat(tools, name):
+    """throttle (a new group; one that does not exist) and blkdebug (nothing may change) reopen as in qemu-io 7.2."""
+    img = _image(tools, "qcow2" if name == "throttle" else "raw")   # (blkdebug align=4096: a 1 MiB raw file)
+    q, b, dq, db = tools.both("io", FILTER_CASES[name], [img])
+    assert (b.out, b.err, b.rc) == (q.out, q.err, q.rc)
+    assert "Throttle group 'nope' does not exist" in q.err or "Cannot change the option 'align'" in q.err
+    with open(os.path.join(dq, "t.img"), "rb") as fq, open(os.path.join(db, "t.img"), "rb") as fb:
+        assert fb.read() == fq.read()
+
+
+@needs_qemu
+def test_writer_needs_an_aligned_size_without_resize(tools):
+    """A writer of a node whose size is not a multiple of request_alignment is refused, as QEMU 7.2 refuses it."""
+    img = _image(tools, "qcow2")   # a fresh qcow2 file: 196616 bytes, not a multiple of 4096
+    argv = ["--image-opts", "driver=blkdebug,align=4096,image.driver=file,image.filename=t.img", "-c", "read 0 512"]
+    q, b, _, _ = tools.both("io", argv, [img])
+    assert (b.out, b.err, b.rc) == (q.out, q.err, q.rc)
+    assert "Cannot get 'write' permission without 'resize'" in q.err
+    q, b, _, _ = tools.both("io", ["-r"] + argv, [img])
+    assert (b.out, b.err, b.rc) == (q.out, q.err, q.rc) and q.rc == 0
