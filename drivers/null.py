@@ -85,6 +85,10 @@ class _NullCommon(BlockDriver):
         bs.filename = bs.exact_filename = f"{self.protocol_name}://"  # what null_refresh_filename gives
         return 0
 
+    def bdrv_reopen_prepare(self, state, queue) -> int:
+        # null_reopen_prepare: nothing of its own can change (a changed size is refused by the generic check).
+        return 0
+
     def bdrv_getlength(self, bs) -> int:
         return bs.opaque.length
 
