@@ -23,6 +23,7 @@ import tempfile
 from typing import Iterable
 
 import attrs
+import pytest
 
 QEMU_IO = shutil.which("qemu-io")
 QEMU_IMG = shutil.which("qemu-img")
@@ -195,3 +196,12 @@ def filter_img_create(text: str, test_dir: str, fmt: str) -> str:
 
 def make_tools() -> Tools:
     return Tools(tempfile.mkdtemp(prefix="qblock-compat-"))
+
+
+@pytest.fixture(scope="module")
+def tools():
+    """QEMU's and qblock's tools for one test module (import it there), removed afterwards."""
+    t = make_tools()
+    yield t
+    t.close()
+    shutil.rmtree(t.tmp, ignore_errors=True)

@@ -15,7 +15,7 @@ import time
 import pytest
 
 from qblock.block.block_backend import blk_insert_bs, blk_new, blk_new_open, blk_pread, blk_set_perm, blk_unref
-from qblock.block.driver import BDRV_O_RDWR, bdrv_find_format
+from qblock.block.driver import BDRV_O_RDWR
 from qblock.block.graph import (
     BLK_PERM_ALL,
     BLK_PERM_CONSISTENT_READ,
@@ -24,7 +24,7 @@ from qblock.block.graph import (
     bdrv_open,
     bdrv_unref,
 )
-from qblock.block.create import bdrv_create, bdrv_create_file
+from qblock.block.create import bdrv_create_file
 from qblock.util.error import Error
 from qblock.util.osdep import qemu_has_ofd_lock, qemu_lock_fd_test
 
@@ -46,20 +46,6 @@ def locked_bytes(path) -> set[int]:
         return {off for off in LOCK_BYTES if qemu_lock_fd_test(fd, off, 1, True) == -errno.EAGAIN}
     finally:
         os.close(fd)
-
-
-@pytest.fixture
-def raw_img(tmp_path):
-    path = tmp_path / "disk.raw"
-    path.write_bytes(b"\x5a" * (1 << 20))
-    return str(path)
-
-
-@pytest.fixture
-def qcow2_img(tmp_path):
-    path = str(tmp_path / "disk.qcow2")
-    bdrv_create(bdrv_find_format("qcow2"), path, {"size": 1 << 20})
-    return path
 
 
 def open_file(path, flags=BDRV_O_RDWR, **opts):

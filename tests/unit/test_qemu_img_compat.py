@@ -16,20 +16,12 @@ import pytest
 
 from qblock.block.driver import bdrv_find_format
 
-from .qemu_compat import HAVE_QEMU, NO_QEMU_REASON, filter_img_create, make_tools
+from .qemu_compat import HAVE_QEMU, NO_QEMU_REASON, filter_img_create, tools  # noqa: F401 - the module-scoped fixture
 
 needs_qemu = pytest.mark.skipif(not HAVE_QEMU, reason=NO_QEMU_REASON)
 HAVE_QCOW2 = bdrv_find_format("qcow2") is not None
 needs_qcow2 = pytest.mark.skipif(not HAVE_QCOW2, reason="qblock has no qcow2 driver yet (drivers/qcow2 is being written)")
 FORMATS = ["raw", pytest.param("qcow2", marks=needs_qcow2)]
-
-
-@pytest.fixture(scope="module")
-def tools():
-    t = make_tools()
-    yield t
-    t.close()
-    shutil.rmtree(t.tmp, ignore_errors=True)
 
 
 def _qemu(*args: str, cwd: str | None = None) -> None:

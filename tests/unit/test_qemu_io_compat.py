@@ -15,19 +15,11 @@ import pytest
 
 from qblock.block.driver import bdrv_find_format
 
-from .qemu_compat import HAVE_QEMU, NO_QEMU_REASON, filter_img_create, make_tools
+from .qemu_compat import HAVE_QEMU, NO_QEMU_REASON, filter_img_create, tools  # noqa: F401 - the module-scoped fixture
 
 needs_qemu = pytest.mark.skipif(not HAVE_QEMU, reason=NO_QEMU_REASON)
 FORMATS = ["raw", pytest.param("qcow2", marks=pytest.mark.skipif(
     bdrv_find_format("qcow2") is None, reason="qblock has no qcow2 driver yet (drivers/qcow2 is being written)"))]
-
-
-@pytest.fixture(scope="module")
-def tools():
-    t = make_tools()
-    yield t
-    t.close()
-    shutil.rmtree(t.tmp, ignore_errors=True)
 
 
 def _image(tools, fmt: str, size: str = "1M", name: str = "t.img", setup: list[str] | None = None) -> str:

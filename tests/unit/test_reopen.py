@@ -10,7 +10,6 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
-import shutil
 
 import pytest
 
@@ -30,7 +29,7 @@ from qblock.block.reopen import bdrv_reopen, bdrv_reopen_multiple, bdrv_reopen_q
 from qblock.util.error import Error
 from qblock.util.osdep import qemu_has_ofd_lock, qemu_lock_fd_test
 
-from .qemu_compat import HAVE_QEMU, NO_QEMU_REASON, make_tools
+from .qemu_compat import HAVE_QEMU, NO_QEMU_REASON, tools  # noqa: F401 - the module-scoped fixture
 
 needs_ofd = pytest.mark.skipif(not qemu_has_ofd_lock(), reason="the kernel has no OFD locks")
 needs_qemu = pytest.mark.skipif(not HAVE_QEMU, reason=NO_QEMU_REASON)
@@ -55,20 +54,6 @@ def fd_mode(bs) -> int:
 
 def open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
-
-
-@pytest.fixture
-def raw_img(tmp_path):
-    path = tmp_path / "disk.raw"
-    path.write_bytes(b"\x5a" * (1 << 20))
-    return str(path)
-
-
-@pytest.fixture
-def qcow2_img(tmp_path):
-    path = str(tmp_path / "disk.qcow2")
-    bdrv_create(bdrv_find_format("qcow2"), path, {"size": 1 << 20})
-    return path
 
 
 def reader(bs):
@@ -308,14 +293,6 @@ def test_driver_without_reopen_support():
 
 # --------------------------------------------------------------------------
 # qblock-io's reopen against qemu-io 7.2
-
-@pytest.fixture(scope="module")
-def tools():
-    t = make_tools()
-    yield t
-    t.close()
-    shutil.rmtree(t.tmp, ignore_errors=True)
-
 
 def _image(tools, fmt: str) -> str:
     import subprocess
