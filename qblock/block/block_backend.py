@@ -106,7 +106,6 @@ from qblock.util.aio import (
     qemu_get_aio_context,
 )
 from qblock.util.aiocb import AIOCBInfo, BlockAIOCB, qemu_aio_unref
-from qblock.util.aiocb import _ids as _aiocb_ids
 from qblock.util.coroutine import coroutine_fn, qemu_coroutine_create
 from qblock.util.coroutine_lock import CoQueue, qemu_co_enter_next, qemu_co_queue_wait
 from qblock.util.cutils import MIN_NON_ZERO
@@ -218,8 +217,6 @@ class BlockBackend:
         return f"<BlockBackend {self.trace_name} bs={self.root.bs.node_name if self.root else None}>"
 
 
-_new_object = object.__new__
-_next_aiocb_id = _aiocb_ids.__next__
 # Trace events tested on every request: the flag test without the function's attribute lookup.
 _ev_blk_aio_prwv = trace_blk_aio_prwv.event
 _ev_blk_aio_complete = trace_blk_aio_complete.event
@@ -770,25 +767,8 @@ def blk_aio_prwv(blk: BlockBackend, offset: int, bytes: int, iobuf: Any, co_entr
     (aio_context_acquire), as QEMU 4.x requires: otherwise the request may complete twice.
     """
     blk_inc_in_flight(blk)
-    # BlkAioEmAIOCB(blk_aio_em_aiocb_info, blk_bs(blk), cb, opaque,
-    #               rwco=BlkRwCo(blk, offset, iobuf, NOT_DONE, flags), bytes=bytes),
-    # built field by field: the generated __init__s cost two frames per request.
-    rwco = _new_object(BlkRwCo)
-    rwco.blk = blk
-    rwco.offset = offset
-    rwco.iobuf = iobuf
-    rwco.ret = NOT_DONE
-    rwco.flags = flags
-    acb = _new_object(BlkAioEmAIOCB)
-    acb.aiocb_info = blk_aio_em_aiocb_info
-    acb.bs = blk_bs(blk)
-    acb.cb = cb
-    acb.opaque = opaque
-    acb.refcnt = 1
-    acb.id = _next_aiocb_id()
-    acb.rwco = rwco
-    acb.bytes = bytes
-    acb.has_returned = False
+    rwco = BlkRwCo(blk, offset, iobuf, NOT_DONE, flags)
+    acb = BlkAioEmAIOCB(blk_aio_em_aiocb_info, blk_bs(blk), cb, opaque, rwco=rwco, bytes=bytes)
     co = qemu_coroutine_create(co_entry, acb)
     if _ev_blk_aio_prwv.enabled:
         trace_blk_aio_prwv(blk, co_entry.__name__, offset, bytes, co)

@@ -143,7 +143,6 @@ _DZ_UNMAP = BlockdevDetectZeroesOptions.BLOCKDEV_DETECT_ZEROES_OPTIONS_UNMAP
 _BLKDBG_PWRITEV = BlkdebugEvent.BLKDBG_PWRITEV
 _BLKDBG_PWRITEV_ZERO = BlkdebugEvent.BLKDBG_PWRITEV_ZERO
 _BLKDBG_PWRITEV_DONE = BlkdebugEvent.BLKDBG_PWRITEV_DONE
-_new_object = object.__new__
 # Trace events tested on every request: the flag test without the function's attribute lookup.
 _ev_bdrv_co_pwritev = trace_bdrv_co_pwritev.event
 _ev_bdrv_co_preadv = trace_bdrv_co_preadv.event
@@ -199,19 +198,7 @@ def _driver_exception(bs: BlockDriverState, hook: str, exc: BaseException) -> in
 
 def tracked_request_begin(bs: BlockDriverState, offset: int, bytes: int, type: int) -> BdrvTrackedRequest:
     """Make a request visible to overlapping ones (it starts covering exactly its own range)."""
-    # BdrvTrackedRequest(bs, offset, bytes, type, qemu_coroutine_self(), False, offset, bytes),
-    # built field by field: the generated __init__ costs a frame per request.
-    req = _new_object(BdrvTrackedRequest)
-    req.bs = bs
-    req.offset = offset
-    req.bytes = bytes
-    req.type = type
-    req.co = qemu_coroutine_self()
-    req.serialising = False
-    req.overlap_offset = offset
-    req.overlap_bytes = bytes
-    req.wait_queue = None
-    req.waiting_for = None
+    req = BdrvTrackedRequest(bs, offset, bytes, type, qemu_coroutine_self(), False, offset, bytes)
     bs.tracked_requests.append(req)
     return req
 

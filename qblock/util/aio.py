@@ -95,7 +95,6 @@ BH_IDLE = 1 << 4
 _BH_ONESHOT_SCHEDULED = BH_SCHEDULED | BH_ONESHOT
 _BH_SCHEDULED_OR_DELETED = BH_SCHEDULED | BH_DELETED
 _BH_CLEAR_ON_DEQUEUE = ~(BH_PENDING | BH_SCHEDULED | BH_IDLE)
-_new_object = object.__new__
 _getcurrent = greenlet.getcurrent
 _ev_aio_bh_call = trace_aio_bh_call.event
 
@@ -376,14 +375,7 @@ def qemu_bh_delete(bh: QEMUBH) -> None:
 def aio_bh_schedule_oneshot(ctx: AioContext, cb: Callable[[Any], None], opaque: Any = None,
                             name: str | None = None) -> QEMUBH:
     """Run ``cb(opaque)`` once at the next aio_bh_poll of ``ctx``."""
-    # QEMUBH(ctx, cb, opaque, name) without the generated __init__'s frame: every field set.
-    bh = _new_object(QEMUBH)
-    bh.ctx = ctx
-    bh.cb = cb
-    bh.opaque = opaque
-    bh.name = name
-    bh.flags = 0
-    bh.request_id = None
+    bh = QEMUBH(ctx, cb, opaque, name)
     _aio_bh_enqueue(bh, _BH_ONESHOT_SCHEDULED)
     return bh
 
