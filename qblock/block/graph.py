@@ -810,9 +810,8 @@ def bdrv_drv_set_perm(bs: BlockDriverState, perm: int, shared: int,
     to be committed (bdrv_set_perm) or aborted (bdrv_abort_perm_update) with the rest of the update.
 
     QEMU records the two as a transaction action (tran_add); here the caller's list is the transaction.
+    The node has a driver (bdrv_list_refresh_perms skips those without).
     """
-    if bs.drv is None:
-        return
     if bs.drv.bdrv_check_perm is not None:
         bs.drv.bdrv_check_perm(bs, perm, shared)
     checked.append((bs, perm, shared))
@@ -1356,6 +1355,15 @@ def _update_flags_from_options(flags: int, opts) -> int:
     return flags
 
 
+def bdrv_parse_detect_zeroes(opts: dict, open_flags: int) -> BlockdevDetectZeroesOptions:
+    """The ``detect-zeroes`` option; ``unmap`` needs discard=unmap in ``open_flags``. Raises Error."""
+    dz = qapi_enum_parse(BlockdevDetectZeroesOptions, opts.get("detect-zeroes"),
+                         BlockdevDetectZeroesOptions.BLOCKDEV_DETECT_ZEROES_OPTIONS_OFF)
+    if dz is BlockdevDetectZeroesOptions.BLOCKDEV_DETECT_ZEROES_OPTIONS_UNMAP and not open_flags & BDRV_O_UNMAP:
+        raise Error("setting detect-zeroes to unmap is not allowed without setting discard operation to unmap")
+    return dz
+
+
 def bdrv_parse_discard_flags(mode: str, flags: int) -> int:
     """``ignore``/``off`` clears BDRV_O_UNMAP, ``unmap``/``on`` sets it; anything else is an error."""
     if mode in ("off", "ignore"):
@@ -1424,11 +1432,7 @@ def bdrv_open_common(bs: BlockDriverState, file_bs: BlockDriverState | None, opt
     discard = opts.get(BDRV_OPT_DISCARD)
     if discard is not None:
         bs.open_flags = bdrv_parse_discard_flags(discard, bs.open_flags)
-    dz = qapi_enum_parse(BlockdevDetectZeroesOptions, opts.get("detect-zeroes"),
-                         BlockdevDetectZeroesOptions.BLOCKDEV_DETECT_ZEROES_OPTIONS_OFF)
-    if dz is BlockdevDetectZeroesOptions.BLOCKDEV_DETECT_ZEROES_OPTIONS_UNMAP and not bs.open_flags & BDRV_O_UNMAP:
-        raise Error("setting detect-zeroes to unmap is not allowed without setting discard operation to unmap")
-    bs.detect_zeroes = dz
+    bs.detect_zeroes = bdrv_parse_detect_zeroes(opts, bs.open_flags)
     bs.filename = filename or ""
     bs.exact_filename = bs.filename
     bdrv_open_driver(bs, drv, opts.get("node-name"), options, bs.open_flags)

@@ -31,7 +31,7 @@ from typing import Any
 
 import attrs
 
-from qblock.block.driver import BDRV_O_PROTOCOL, BDRV_O_RDWR, BDRV_O_UNMAP, BlockdevDetectZeroesOptions
+from qblock.block.driver import BDRV_O_PROTOCOL, BDRV_O_RDWR, BlockdevDetectZeroesOptions
 from qblock.block.graph import (
     BDRV_OPT_DISCARD,
     BdrvPermUpdate,
@@ -42,6 +42,7 @@ from qblock.block.graph import (
     bdrv_get_device_or_node_name,
     bdrv_inherited_options,
     bdrv_list_refresh_perms,
+    bdrv_parse_detect_zeroes,
     bdrv_parse_discard_flags,
     bdrv_refresh_limits,
     bdrv_runtime_opts,
@@ -49,7 +50,7 @@ from qblock.block.graph import (
 )
 from qblock.block.io import bdrv_flush
 from qblock.util.error import Error, error_setg_errno
-from qblock.util.qemu_option import qapi_enum_parse, qdict_extract_subqdict, qemu_opts_absorb_qdict
+from qblock.util.qemu_option import qdict_extract_subqdict, qemu_opts_absorb_qdict
 
 
 @attrs.define
@@ -188,12 +189,7 @@ def bdrv_reopen_prepare(reopen_state: BDRVReopenState, queue: BlockReopenQueue) 
             reopen_state.flags = bdrv_parse_discard_flags(discard, reopen_state.flags)
         except Error:
             raise Error("Invalid discard option") from None
-    reopen_state.detect_zeroes = qapi_enum_parse(
-        BlockdevDetectZeroesOptions, opts.get("detect-zeroes"),
-        BlockdevDetectZeroesOptions.BLOCKDEV_DETECT_ZEROES_OPTIONS_OFF)
-    if (reopen_state.detect_zeroes is BlockdevDetectZeroesOptions.BLOCKDEV_DETECT_ZEROES_OPTIONS_UNMAP
-            and not reopen_state.flags & BDRV_O_UNMAP):
-        raise Error("setting detect-zeroes to unmap is not allowed without setting discard operation to unmap")
+    reopen_state.detect_zeroes = bdrv_parse_detect_zeroes(opts, reopen_state.flags)
     # Every other generic option (node-name, driver, force-share) must stay as it is:
     # put it back, to be compared at the end.
     for key in ("node-name", "driver", "force-share"):
