@@ -150,7 +150,7 @@ def _rss_mib() -> float:
     return pages * os.sysconf("SC_PAGE_SIZE") / (1 << 20)
 
 
-def _blk_qd_run(blk, count: int, depth: int, size: int) -> float:
+def _blk_qd_run(blk, count: int, depth: int, size: int, length: int = 1 << 30) -> float:
     """Seconds to complete ``count`` writes of ``size`` bytes, ``depth`` in flight (qemu-img bench's loop)."""
     from qblock.block.block_backend import blk_aio_pwritev, blk_get_aio_context
     from qblock.util.aio import aio_poll
@@ -160,7 +160,6 @@ def _blk_qd_run(blk, count: int, depth: int, size: int) -> float:
     buf = bytearray(size)
     qiov = QEMUIOVector([memoryview(buf)], -1)
     state = {"issued": 0, "done": 0, "offset": 0}
-    length = 1 << 30
 
     def cb(opaque, ret):
         state["done"] += 1
@@ -247,15 +246,24 @@ def bench_blk(n: int) -> list[str]:
                     raise RuntimeError("bench write failed")
             return total / (time.perf_counter() - t0)
 
+        def qblock_qd8() -> float:
+            return total / _blk_qd_run(blk, total // chunk, 8, chunk, length=total)
+
         plain_loop()  # the first pass allocates the file's pages; measure overwrites only
-        plain = ours = 0.0
+        plain = ours = ours8 = 0.0
         for _ in range(3):  # alternate, best of three each
             plain = max(plain, plain_loop())
             ours = max(ours, qblock_loop())
+            ours8 = max(ours8, qblock_qd8())
         blk_unref(blk)
         os.close(fd)
-    rows.append(f"raw over file, 1 MiB sequential writes of {total >> 20} MiB: {ours / (1 << 20):8.1f} MiB/s   "
-                f"plain os.pwritev loop {plain / (1 << 20):8.1f} MiB/s   ratio {ours / plain:.3f}x (target >= 0.8x)")
+    mib = 1 << 20
+    rows.append(f"raw over file, 1 MiB sequential writes of {total >> 20} MiB, QD1 (blk_pwrite): "
+                f"{ours / mib:8.1f} MiB/s   plain os.pwritev loop {plain / mib:8.1f} MiB/s   "
+                f"ratio {ours / plain:.3f}x (target >= 0.8x)")
+    rows.append(f"raw over file, the same, QD8 (blk_aio_pwritev, qemu-img convert's 8 in flight): "
+                f"{ours8 / mib:8.1f} MiB/s   plain os.pwritev loop {plain / mib:8.1f} MiB/s   "
+                f"ratio {ours8 / plain:.3f}x (target >= 0.8x)")
     return rows
 
 

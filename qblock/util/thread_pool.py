@@ -79,11 +79,22 @@ class ThreadPool:
         self.max_threads = max_threads
         self.completion_bh = aio_bh_new(ctx, self._completion_bh, None, "thread_pool_completion_bh")
         self.lock = threading.Lock()
-        self.request_cond = threading.Condition(self.lock)
+        # QEMU's request_cond, kept by hand: each idle worker blocks on its own lock, and a
+        # signal releases the lock of the worker that went idle last.  (threading.Condition
+        # works the same way, with a fresh lock per wait and more Python around it.)
+        self.request_cond: list[Any] = []
         self.request_list: deque[ThreadPoolElement] = deque()   # QUEUED, oldest first
         self.head: list[ThreadPoolElement] = []                 # every element not yet completed
         self.cur_threads = 0
         self.idle_threads = 0
+        # Workers bound to look at request_list soon (qblock only): those signalled or spawned
+        # that have not yet looked (``pending_threads``), and those between the end of a job and
+        # their next look (``finishing``; a set, since each worker adds and discards itself
+        # without the lock).  Under the GIL these gaps last microseconds, not QEMU's nanoseconds;
+        # a job they will take wakes and spawns no other worker, which would only contend for
+        # the GIL.
+        self.pending_threads = 0
+        self.finishing: set[Any] = set()
         self.stopping = False
 
     @property
@@ -94,6 +105,7 @@ class ThreadPool:
 
     def _spawn(self) -> None:
         self.cur_threads += 1
+        self.pending_threads += 1
         t = threading.Thread(target=self._worker, name=f"qblock-worker-{self.ctx.name}", daemon=True)
         t.start()
 
@@ -104,15 +116,30 @@ class ThreadPool:
 
     def _worker(self) -> None:
         lock = self.lock
+        finishing = self.finishing
+        wake = threading.Lock()
+        wake.acquire()
         lock.acquire()
+        self.pending_threads -= 1
         try:
             while not self.stopping:
                 if not self.request_list:
                     self._set_idle(+1)
-                    got = self.request_cond.wait(IDLE_TIMEOUT_S)
-                    self._set_idle(-1)
-                    if not got and not self.request_list:
-                        break   # timed out with nothing to do: this thread ends
+                    self.request_cond.append(wake)
+                    lock.release()
+                    got = wake.acquire(timeout=IDLE_TIMEOUT_S)
+                    lock.acquire()
+                    if not got:
+                        if wake in self.request_cond:
+                            self.request_cond.remove(wake)
+                            self._set_idle(-1)
+                            if not self.request_list:
+                                break   # timed out with nothing to do: this thread ends
+                        else:
+                            wake.acquire()   # signalled just as the wait timed out: take the signal
+                            self.pending_threads -= 1
+                    else:
+                        self.pending_threads -= 1
                     continue
                 req = self.request_list.popleft()
                 req.state = THREAD_ACTIVE
@@ -121,14 +148,29 @@ class ThreadPool:
                 # so the AioContext woken by the BH does not wait for this thread to let go of it.
                 try:
                     req.ret = _run_job(req)
+                    finishing.add(wake)
                     req.state = THREAD_DONE
                     qemu_bh_schedule(self.completion_bh)
                 finally:
                     lock.acquire()
+                    finishing.discard(wake)
             self.cur_threads -= 1
-            self.request_cond.notify_all()
         finally:
             lock.release()
+
+    def _signal_locked(self, all_waiters: bool = False) -> None:
+        """qemu_cond_signal/broadcast on request_cond; the pool lock is held.
+
+        A signalled worker stops counting as idle here, not when it runs again as in QEMU, so
+        jobs submitted before it runs spawn or wake other workers instead of waiting for it.
+        """
+        waiters = self.request_cond
+        while waiters:
+            waiters.pop().release()
+            self._set_idle(-1)
+            self.pending_threads += 1
+            if not all_waiters:
+                return
 
     # -- completion, in the pool's context ------------------------------
 
@@ -163,7 +205,7 @@ class ThreadPool:
     def free(self) -> None:
         with self.lock:
             self.stopping = True
-            self.request_cond.notify_all()
+            self._signal_locked(all_waiters=True)
 
 
 _aio_idle_lock = threading.Lock()
@@ -214,9 +256,12 @@ def thread_pool_submit_aio(ctx: AioContext | None, func: Callable[[Any], int], a
         if thread_pool_inline:
             qemu_bh_schedule(pool.completion_bh)
             return req
-        if pool.idle_threads == 0 and pool.cur_threads < pool.max_threads:
+        if len(pool.request_list) <= pool.pending_threads + len(pool.finishing):
+            return req   # a worker on its way to the queue takes it
+        if pool.idle_threads:
+            pool._signal_locked()
+        elif pool.cur_threads < pool.max_threads:
             pool._spawn()
-        pool.request_cond.notify()
     return req
 
 

@@ -157,6 +157,47 @@ def test_submit_many(ctx):
     assert [d.ret for d in datas] == [0] * 100
 
 
+def test_chained_jobs_stay_on_one_worker(ctx):
+    """Each job submitted from the previous one's callback runs on the worker that ran that one.
+
+    The worker is still on its way back to the queue when the callback submits, or it is the
+    idle worker woken first (the last to go idle), so the other idle workers stay asleep
+    (qblock's rule against GIL contention; see ThreadPool).
+    """
+    pool = aio_get_thread_pool(ctx)
+    # First four workers at once, so that idle ones are there to be woken (wrongly) later.
+    started, go = threading.Barrier(4, timeout=WAIT_S), threading.Event()
+
+    def blocker(_):
+        started.wait()
+        go.wait(WAIT_S)
+        return 0
+
+    for _ in range(4):
+        thread_pool_submit_aio(ctx, blocker, None, None, None)
+    go.set()
+    drain(ctx)
+    assert pool.cur_threads >= 4
+    threads, left = [], [200]
+
+    def job(_):
+        threads.append(threading.get_ident())
+        return 0
+
+    def cb(_, ret):
+        assert ret == 0
+        left[0] -= 1
+        if left[0]:
+            thread_pool_submit_aio(ctx, job, None, cb, None)
+
+    thread_pool_submit_aio(ctx, job, None, cb, None)
+    while left[0]:
+        aio_poll(ctx, True)
+    assert len(threads) == 200
+    assert len(set(threads)) == 1
+    assert pool.cur_threads >= 1
+
+
 def test_cancel(ctx):
     """Jobs cancelled while queued complete with -ECANCELED and never run; the others run to their result."""
     test_submit_many(ctx)
