@@ -13,6 +13,10 @@ becomes ``-errno``; any other exception is re-raised from the completion BH,
 so it is never lost.  Up to ``max_threads`` (64) workers; an idle worker
 exits after 10 s.  Cancelling works only while the element is still queued
 and completes it with ``-ECANCELED``, as in QEMU.
+
+Differs from QEMU: a job that a signalled, starting or just-finished worker
+will take neither wakes nor spawns another worker, so the pool never holds
+more threads than jobs in flight (more would only contend for the GIL).
 """
 from __future__ import annotations
 
