@@ -93,8 +93,7 @@ class ThreadPool:
         self.idle_threads = 0
         # Workers bound to look at request_list soon (qblock only): those signalled or spawned
         # that have not yet looked (``pending_threads``), and those between the end of a job and
-        # their next look (``finishing``; a set, since each worker adds and discards itself
-        # without the lock).  Under the GIL these gaps last microseconds, not QEMU's nanoseconds;
+        # their next look (``finishing``; a set, since each worker adds itself without the lock).  Under the GIL these gaps last microseconds, not QEMU's nanoseconds;
         # a job they will take wakes and spawns no other worker, which would only contend for
         # the GIL.
         self.pending_threads = 0
@@ -134,16 +133,14 @@ class ThreadPool:
                     got = wake.acquire(timeout=IDLE_TIMEOUT_S)
                     lock.acquire()
                     if not got:
-                        if wake in self.request_cond:
+                        if wake in self.request_cond:   # timed out, never signalled
                             self.request_cond.remove(wake)
                             self._set_idle(-1)
                             if not self.request_list:
-                                break   # timed out with nothing to do: this thread ends
-                        else:
-                            wake.acquire()   # signalled just as the wait timed out: take the signal
-                            self.pending_threads -= 1
-                    else:
-                        self.pending_threads -= 1
+                                break   # nothing to do: this thread ends
+                            continue
+                        wake.acquire()   # signalled just as the wait timed out: take the signal
+                    self.pending_threads -= 1   # signalled: now it looks at the queue
                     continue
                 req = self.request_list.popleft()
                 req.state = THREAD_ACTIVE

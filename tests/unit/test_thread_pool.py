@@ -7,10 +7,13 @@ sleeps.  ``/thread-pool/cancel-async`` has no twin: qblock cancels only through
 """
 import errno
 import threading
+import time
 
 import pytest
 
 from qblock.util.aio import (
+    aio_context_destroy,
+    aio_context_new,
     aio_bh_schedule_oneshot,
     aio_poll,
     iothread_create,
@@ -196,6 +199,37 @@ def test_chained_jobs_stay_on_one_worker(ctx):
     assert len(threads) == 200
     assert len(set(threads)) == 1
     assert pool.cur_threads >= 1
+
+
+def test_signalled_worker_no_longer_idle():
+    """Two jobs that must run together, with one idle worker: the second spawns a worker.
+
+    The signalled worker stops counting as idle when it is signalled (qblock; QEMU only when it
+    runs again), so the second job is not left waiting for a worker that will be busy.
+    """
+    ctx = aio_context_new("test-thread-pool-idle")
+    try:
+        pool = aio_get_thread_pool(ctx)
+        first = []
+        thread_pool_submit_aio(ctx, lambda _: 0, None, lambda _, ret: first.append(ret), None)
+        while not first:
+            aio_poll(ctx, True)
+        deadline = time.monotonic() + WAIT_S
+        while pool.idle_threads != 1 and time.monotonic() < deadline:
+            time.sleep(0)   # the worker is on its way to its wait; yield the GIL to it
+        assert (pool.cur_threads, pool.idle_threads) == (1, 1)
+
+        both = threading.Barrier(2, timeout=WAIT_S)
+        rets = []
+        for _ in range(2):
+            thread_pool_submit_aio(ctx, lambda _: both.wait() * 0, None, lambda _, ret: rets.append(ret), None)
+        while len(rets) < 2:
+            aio_poll(ctx, True)
+        assert rets == [0, 0]
+        assert pool.cur_threads == 2
+    finally:
+        aio_get_thread_pool(ctx).free()
+        aio_context_destroy(ctx)
 
 
 def test_cancel(ctx):
