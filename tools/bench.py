@@ -250,13 +250,14 @@ def bench_blk(n: int) -> list[str]:
         def qblock_qd8() -> float:
             return total / _blk_qd_run(blk, total // chunk, 8, chunk, length=total)
 
+        have_qemu = shutil.which("qemu-img") is not None
+
         def qemu_img(depth: int) -> float:
             flags = ["-w", "-c", str(total // chunk), "-d", str(depth), "-s", str(chunk), "-S", str(chunk),
                      "-t", "writeback", "-i", "threads", "-f", "raw", path]
             secs = _run_img_bench(["qemu-img"], flags, d) if have_qemu else None
             return total / secs if secs else 0.0
 
-        have_qemu = shutil.which("qemu-img") is not None
         plain_loop()  # the first pass allocates the file's pages; measure overwrites only
         plain = ours = ours8 = qemu1 = qemu8 = 0.0
         for _ in range(3):  # alternate, best of three each
