@@ -82,6 +82,28 @@ def done_cb(data, ret):
     Active.count -= 1
 
 
+def run_job_stream(ctx, total, depth):
+    """Run ``total`` trivial jobs, ``depth`` in flight (each completion submits the next); the
+    worker thread of each job, in the order they ran."""
+    threads, left = [], [total]
+
+    def job(_):
+        threads.append(threading.get_ident())
+        return 0
+
+    def cb(_, ret):
+        assert ret == 0
+        left[0] -= 1
+        if left[0] >= depth:
+            thread_pool_submit_aio(ctx, job, None, cb, None)
+
+    for _ in range(min(depth, total)):
+        thread_pool_submit_aio(ctx, job, None, cb, None)
+    while left[0]:
+        aio_poll(ctx, True)
+    return threads
+
+
 # ---------------------------------------------------------------------------
 # QEMU's tests
 
@@ -181,21 +203,7 @@ def test_chained_jobs_stay_on_one_worker(ctx):
     go.set()
     drain(ctx)
     assert pool.cur_threads >= 4
-    threads, left = [], [200]
-
-    def job(_):
-        threads.append(threading.get_ident())
-        return 0
-
-    def cb(_, ret):
-        assert ret == 0
-        left[0] -= 1
-        if left[0]:
-            thread_pool_submit_aio(ctx, job, None, cb, None)
-
-    thread_pool_submit_aio(ctx, job, None, cb, None)
-    while left[0]:
-        aio_poll(ctx, True)
+    threads = run_job_stream(ctx, 200, 1)
     assert len(threads) == 200
     assert len(set(threads)) == 1
     assert pool.cur_threads >= 1
@@ -230,6 +238,75 @@ def test_signalled_worker_no_longer_idle():
     finally:
         aio_get_thread_pool(ctx).free()
         aio_context_destroy(ctx)
+
+
+@pytest.fixture
+def fresh_ctx():
+    """A context of its own, so its pool starts with no worker."""
+    c = aio_context_new("test-thread-pool-fresh")
+    yield c
+    drain(c)
+    aio_get_thread_pool(c).free()
+    aio_context_destroy(c)
+
+
+def test_stream_of_short_jobs_runs_on_one_worker(fresh_ctx):
+    """Eight jobs in flight, each replaced by a new one as it completes: one worker serves them all.
+
+    While a busy worker keeps finishing jobs, new ones wait for it (qblock's stall rule; QEMU
+    would start up to eight).  The stall time is made long here so that a slow test machine
+    cannot make the pool look stuck.
+    """
+    ctx = fresh_ctx
+    pool = aio_get_thread_pool(ctx)
+    pool.stall_ns = 10 ** 10
+    threads = run_job_stream(ctx, 400, 8)
+    assert len(threads) == 400
+    assert len(set(threads)) == 1
+    assert pool.cur_threads == 1
+
+
+@pytest.mark.parametrize("stall_ns, workers_at_submit", [(0, 2), (10 ** 10, 1)])
+def test_second_job_waits_for_the_busy_worker(fresh_ctx, stall_ns, workers_at_submit):
+    """Two jobs at once on an empty pool: QEMU's rule (stall_ns = 0) starts a worker for each at
+    submit time; the stall rule starts one and lets the second job wait for it."""
+    ctx = fresh_ctx
+    pool = aio_get_thread_pool(ctx)
+    pool.stall_ns = stall_ns
+    rets = []
+    for _ in range(2):
+        thread_pool_submit_aio(ctx, lambda _: 0, None, lambda _, ret: rets.append(ret), None)
+    assert pool.cur_threads == workers_at_submit
+    while len(rets) < 2:
+        aio_poll(ctx, True)
+    assert rets == [0, 0]
+
+
+def test_stuck_workers_get_company(fresh_ctx):
+    """Jobs that block until all of them run (and one that waits for a later job) still complete:
+    when no job finishes for stall_ns, the pool starts one more worker, again and again."""
+    ctx = fresh_ctx
+    pool = aio_get_thread_pool(ctx)
+    assert pool.stall_ns == 1_000_000
+    together = threading.Barrier(4, timeout=WAIT_S)
+    later_ran = threading.Event()
+    rets = []
+
+    def waits_for_later(_):
+        return 0 if later_ran.wait(WAIT_S) else -errno.ETIMEDOUT
+
+    def later(_):
+        later_ran.set()
+        return 0
+
+    thread_pool_submit_aio(ctx, waits_for_later, None, lambda _, ret: rets.append(ret), None)
+    thread_pool_submit_aio(ctx, later, None, lambda _, ret: rets.append(ret), None)
+    for _ in range(4):
+        thread_pool_submit_aio(ctx, lambda _: together.wait() * 0, None, lambda _, ret: rets.append(ret), None)
+    while len(rets) < 6:
+        aio_poll(ctx, True)
+    assert rets == [0] * 6
+    assert pool.cur_threads >= 4
 
 
 def test_cancel(ctx):
