@@ -202,9 +202,14 @@ def bench_blk(n: int) -> list[str]:
     count = max(n // 2, 20000)
     blk = blk_new_open(None, None, {"driver": "null-co", "size": str(1 << 30)}, BDRV_O_RDWR)
     _blk_qd_run(blk, 2000, 64, 4096)  # warm up the coroutine pool
-    secs = _blk_qd_run(blk, count, 64, 4096)
+    secs = qemu = None
+    for _ in range(3):  # alternate, best of three each
+        t = _blk_qd_run(blk, count, 64, 4096)
+        secs = t if secs is None else min(secs, t)
+        q = _qemu_img_bench(count, 64, 4096)
+        if q is not None:
+            qemu = q if qemu is None else min(qemu, q)
     ours = count / secs
-    qemu = _qemu_img_bench(count, 64, 4096)
     line = f"null-co 4 KiB writes QD64 (blk_aio_pwritev)   {ours:10,.0f} req/s  (target >= 100,000)"
     if qemu:
         line += f"   qemu-img bench -w: {count / qemu:10,.0f} req/s   ratio {ours / (count / qemu):.3f}x"
