@@ -269,14 +269,18 @@ def test_stream_of_short_jobs_runs_on_one_worker(fresh_ctx):
 @pytest.mark.parametrize("stall_ns, workers_at_submit", [(0, 2), (10 ** 10, 1)])
 def test_second_job_waits_for_the_busy_worker(fresh_ctx, stall_ns, workers_at_submit):
     """Two jobs at once on an empty pool: QEMU's rule (stall_ns = 0) starts a worker for each at
-    submit time; the stall rule starts one and lets the second job wait for it."""
+    submit time; the stall rule starts one and lets the second job wait for it.  (The first job
+    blocks until both are submitted, so its worker cannot be back for the second one already.)"""
     ctx = fresh_ctx
     pool = aio_get_thread_pool(ctx)
     pool.stall_ns = stall_ns
+    go = threading.Event()
     rets = []
-    for _ in range(2):
-        thread_pool_submit_aio(ctx, lambda _: 0, None, lambda _, ret: rets.append(ret), None)
+    thread_pool_submit_aio(ctx, lambda _: 0 if go.wait(WAIT_S) else -errno.ETIMEDOUT, None,
+                           lambda _, ret: rets.append(ret), None)
+    thread_pool_submit_aio(ctx, lambda _: 0, None, lambda _, ret: rets.append(ret), None)
     assert pool.cur_threads == workers_at_submit
+    go.set()
     while len(rets) < 2:
         aio_poll(ctx, True)
     assert rets == [0, 0]
