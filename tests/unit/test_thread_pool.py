@@ -82,6 +82,14 @@ def done_cb(data, ret):
     Active.count -= 1
 
 
+def wait_all_idle(pool):
+    """Until every worker of ``pool`` waits for a job (a worker just done is still on its way)."""
+    deadline = time.monotonic() + WAIT_S
+    while pool.idle_threads != pool.cur_threads and time.monotonic() < deadline:
+        time.sleep(0)   # yield the GIL to them
+    assert pool.idle_threads == pool.cur_threads
+
+
 def run_job_stream(ctx, total, depth):
     """Run ``total`` trivial jobs, ``depth`` in flight (each completion submits the next); the
     worker thread of each job, in the order they ran."""
@@ -203,6 +211,7 @@ def test_chained_jobs_stay_on_one_worker(ctx):
     go.set()
     drain(ctx)
     assert pool.cur_threads >= 4
+    wait_all_idle(pool)   # else one still on its way would go idle after the chain's worker, and be woken first
     threads = run_job_stream(ctx, 200, 1)
     assert len(threads) == 200
     assert len(set(threads)) == 1
@@ -222,9 +231,7 @@ def test_signalled_worker_no_longer_idle():
         thread_pool_submit_aio(ctx, lambda _: 0, None, lambda _, ret: first.append(ret), None)
         while not first:
             aio_poll(ctx, True)
-        deadline = time.monotonic() + WAIT_S
-        while pool.idle_threads != 1 and time.monotonic() < deadline:
-            time.sleep(0)   # the worker is on its way to its wait; yield the GIL to it
+        wait_all_idle(pool)
         assert (pool.cur_threads, pool.idle_threads) == (1, 1)
 
         both = threading.Barrier(2, timeout=WAIT_S)
