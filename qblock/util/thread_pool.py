@@ -109,9 +109,9 @@ class ThreadPool:
         self.idle_threads = 0
         # Workers bound to look at request_list soon (qblock only): those signalled or spawned
         # that have not yet looked (``pending_threads``), and those between the end of a job and
-        # their next look (``finishing``; a set, since each worker adds itself without the lock).  Under the GIL these gaps last microseconds, not QEMU's nanoseconds;
-        # a job they will take wakes and spawns no other worker, which would only contend for
-        # the GIL.
+        # their next look (``finishing``; a set, since each worker adds itself without the
+        # lock).  Under the GIL these gaps last microseconds, not QEMU's nanoseconds; a job
+        # they will take wakes and spawns no other worker, which would only contend for the GIL.
         self.pending_threads = 0
         self.finishing: set[Any] = set()
         # Jobs wait for a busy worker while jobs keep finishing (qblock only; see the module
@@ -197,21 +197,26 @@ class ThreadPool:
         """Queued jobs beyond those that signalled, starting or just-finished workers will take."""
         return len(self.request_list) - self.pending_threads - len(self.finishing)
 
+    def _arm_stall_timer_locked(self) -> None:
+        """Look again in stall_ns whether any job has finished by then."""
+        self.stall_mark = self.completed
+        timer_mod(self.stall_timer, qemu_clock_get_ns(QEMU_CLOCK_REALTIME) + self.stall_ns)
+
     def _stall_timer_cb(self, opaque: Any) -> None:
         with self.lock:
             if self._unserved_locked() <= 0:
                 return
             if self.completed == self.stall_mark:   # no job finished for stall_ns: the busy ones are stuck
                 self._kick_locked()
-            self.stall_mark = self.completed
             if self._unserved_locked() > 0:
-                timer_mod(self.stall_timer, qemu_clock_get_ns(QEMU_CLOCK_REALTIME) + self.stall_ns)
+                self._arm_stall_timer_locked()
 
     def _signal_locked(self, all_waiters: bool = False) -> None:
         """qemu_cond_signal/broadcast on request_cond; the pool lock is held.
 
         A signalled worker stops counting as idle here, not when it runs again as in QEMU, so
-        jobs submitted before it runs spawn or wake other workers instead of waiting for it.
+        a job that may not wait for it (stall_ns = 0, or the stall timer's kick) spawns or wakes
+        another worker instead of signalling it a second time.
         """
         waiters = self.request_cond
         while waiters:
@@ -309,11 +314,10 @@ def thread_pool_submit_aio(ctx: AioContext | None, func: Callable[[Any], int], a
         unserved = pool._unserved_locked()
         if unserved <= 0:
             return req   # a worker on its way to the queue takes it
-        if pool.stall_ns and (pool.running or unserved < len(pool.request_list)):
-            # A busy worker will come back for it: wake no other unless the pool stalls.
+        if pool.stall_ns and (pool.running or pool.pending_threads or pool.finishing):
+            # A worker in a job or on its way will come back for it: wake no other unless the pool stalls.
             if not timer_pending(pool.stall_timer):
-                pool.stall_mark = pool.completed
-                timer_mod(pool.stall_timer, qemu_clock_get_ns(QEMU_CLOCK_REALTIME) + pool.stall_ns)
+                pool._arm_stall_timer_locked()
             return req
         pool._kick_locked()
     return req
