@@ -218,35 +218,6 @@ def test_chained_jobs_stay_on_one_worker(ctx):
     assert pool.cur_threads >= 1
 
 
-def test_signalled_worker_no_longer_idle():
-    """Two jobs that must run together, with one idle worker: the second spawns a worker.
-
-    The signalled worker stops counting as idle when it is signalled (qblock; QEMU only when it
-    runs again), so the second job is not left waiting for a worker that will be busy.
-    """
-    ctx = aio_context_new("test-thread-pool-idle")
-    try:
-        pool = aio_get_thread_pool(ctx)
-        first = []
-        thread_pool_submit_aio(ctx, lambda _: 0, None, lambda _, ret: first.append(ret), None)
-        while not first:
-            aio_poll(ctx, True)
-        wait_all_idle(pool)
-        assert (pool.cur_threads, pool.idle_threads) == (1, 1)
-
-        both = threading.Barrier(2, timeout=WAIT_S)
-        rets = []
-        for _ in range(2):
-            thread_pool_submit_aio(ctx, lambda _: both.wait() * 0, None, lambda _, ret: rets.append(ret), None)
-        while len(rets) < 2:
-            aio_poll(ctx, True)
-        assert rets == [0, 0]
-        assert pool.cur_threads == 2
-    finally:
-        aio_get_thread_pool(ctx).free()
-        aio_context_destroy(ctx)
-
-
 @pytest.fixture
 def fresh_ctx():
     """A context of its own, so its pool starts with no worker."""
@@ -255,6 +226,33 @@ def fresh_ctx():
     drain(c)
     aio_get_thread_pool(c).free()
     aio_context_destroy(c)
+
+
+def test_signalled_worker_no_longer_idle(fresh_ctx):
+    """Two jobs that must run together, with one idle worker: the second spawns a worker.
+
+    The signalled worker stops counting as idle when it is signalled (qblock; QEMU only when it
+    runs again), so the second job is not left waiting for a worker that will be busy.  Under
+    QEMU's rule of a worker per job (stall_ns = 0) that happens at submit time.
+    """
+    ctx = fresh_ctx
+    pool = aio_get_thread_pool(ctx)
+    pool.stall_ns = 0
+    first = []
+    thread_pool_submit_aio(ctx, lambda _: 0, None, lambda _, ret: first.append(ret), None)
+    while not first:
+        aio_poll(ctx, True)
+    wait_all_idle(pool)
+    assert (pool.cur_threads, pool.idle_threads) == (1, 1)
+
+    both = threading.Barrier(2, timeout=WAIT_S)
+    rets = []
+    for _ in range(2):
+        thread_pool_submit_aio(ctx, lambda _: both.wait() * 0, None, lambda _, ret: rets.append(ret), None)
+    while len(rets) < 2:
+        aio_poll(ctx, True)
+    assert rets == [0, 0]
+    assert pool.cur_threads == 2
 
 
 def test_stream_of_short_jobs_runs_on_one_worker(fresh_ctx):
